@@ -7,7 +7,7 @@
 //!   `dns_failure_refresh_rate`, sooner, backing off ([`Schedule`]). Each name has
 //!   its own schedule, as each of Envoy's resolve targets. `strict`: every
 //!   address is an endpoint; `logical`: the first one (IPv4 preferred) is.
-//! - `file`: an endpoint file (YAML or JSON: `endpoints: [{address, weight, zone,
+//! - `file`: an endpoint file (YAML or JSON: `endpoints: [{address, weight, priority, zone,
 //!   metadata, health_check}]`, an entry's `health_check` validated as a configured
 //!   endpoint's), re-read every `watch_interval` and applied when its content changes.
 //!
@@ -25,7 +25,7 @@
 //! discovery drops stays in the set while the cluster has active health checks and
 //! it passes them; the refresh after it fails them removes it
 //! (`membership_kept_by_health` counts such endpoints). Without health checks a
-//! dropped endpoint goes at once. A changed weight, zone, metadata or own
+//! dropped endpoint goes at once. A changed weight, priority, zone, metadata or own
 //! `health_check` makes a new
 //! endpoint (fresh counters and outlier state, not ejected) that inherits only its
 //! active health-check state: the "failed active health check" flag and the run of
@@ -55,7 +55,7 @@ use tokio::time::Instant;
 
 use super::dns::{self, Resolver};
 use super::health::FAILED_ACTIVE_HC;
-use super::{Cluster, Endpoint};
+use super::{Attributes, Cluster, Endpoint};
 use crate::config::{self, DiscoveryType, DnsLookup, EndpointConfig, EndpointHealthCheck, Spanned};
 use crate::server::ClusterEntry;
 
@@ -68,14 +68,9 @@ pub struct Spec {
     pub host: Arc<str>,
     /// `host:port` as written (Host header, ring-hash identity).
     pub authority: String,
-    /// Weight, at least 1.
-    pub weight: u32,
-    /// Zone.
-    pub zone: Option<String>,
-    /// Metadata.
-    pub metadata: Option<Value>,
-    /// The endpoint's own health-check settings (configured, or from the file).
-    pub health_check: Option<EndpointHealthCheck>,
+    /// Weight (at least 1), priority, zone, metadata and own health-check
+    /// settings (configured, or from the file).
+    pub attributes: Attributes,
 }
 
 impl Spec {
@@ -84,10 +79,7 @@ impl Spec {
     }
 
     fn same_attributes(&self, ep: &Endpoint) -> bool {
-        self.weight == ep.weight
-            && self.zone == ep.zone
-            && self.metadata == ep.metadata
-            && self.health_check == ep.health_check
+        self.attributes == ep.attributes()
     }
 
     /// The spec of `ep`, as discovery found it.
@@ -96,10 +88,7 @@ impl Spec {
             address: ep.address,
             host: ep.host.clone(),
             authority: ep.authority.clone(),
-            weight: ep.weight,
-            zone: ep.zone.clone(),
-            metadata: ep.metadata.clone(),
-            health_check: ep.health_check.clone(),
+            attributes: ep.attributes(),
         }
     }
 
@@ -108,10 +97,7 @@ impl Spec {
             self.address,
             self.host.clone(),
             self.authority.clone(),
-            self.weight,
-            self.zone.clone(),
-            self.metadata.clone(),
-            self.health_check.clone(),
+            self.attributes.clone(),
         )
     }
 }
@@ -132,6 +118,8 @@ struct FileEndpoint {
     weight: u32,
     #[serde(default)]
     zone: Option<String>,
+    #[serde(default)]
+    priority: u32,
     #[serde(default)]
     metadata: Option<Value>,
     #[serde(default)]
@@ -195,10 +183,13 @@ pub fn parse_file(path: &Path, text: &str, cluster: &config::Cluster) -> anyhow:
             address,
             host: address.ip().to_string().into(),
             authority: ep.address,
-            weight: ep.weight,
-            zone: ep.zone,
-            metadata: ep.metadata,
-            health_check: ep.health_check,
+            attributes: Attributes {
+                weight: ep.weight,
+                priority: ep.priority,
+                zone: ep.zone,
+                metadata: ep.metadata,
+                health_check: ep.health_check,
+            },
         });
     }
     Ok(specs)
@@ -379,10 +370,7 @@ fn carried_endpoints<'c>(
                 e.address,
                 e.host.clone(),
                 e.authority.clone(),
-                ep.weight.max(1),
-                ep.zone.clone(),
-                ep.metadata.clone(),
-                ep.health_check.clone(),
+                Attributes::of(ep),
             ));
         }
         if carried.len() == start {
@@ -700,10 +688,7 @@ async fn resolve_one(
             address,
             host: host.clone(),
             authority: ep.address.clone(),
-            weight: ep.weight.max(1),
-            zone: ep.zone.clone(),
-            metadata: ep.metadata.clone(),
-            health_check: ep.health_check.clone(),
+            attributes: Attributes::of(ep),
         });
     }
     Ok((found, answer.ttl))
@@ -778,10 +763,10 @@ mod tests {
             address: addr.parse().unwrap(),
             host: "h".into(),
             authority: addr.into(),
-            weight,
-            zone: None,
-            metadata: None,
-            health_check: None,
+            attributes: Attributes {
+                weight,
+                ..Attributes::default()
+            },
         }
     }
 
@@ -817,13 +802,15 @@ mod tests {
         let c = cfg("name: c");
         let ok = parse_file(
             p,
-            "endpoints:\n  - address: 10.0.0.1:80\n    weight: 3\n    zone: a\n    metadata: {canary: true}\n  - { address: \"[::1]:81\" }\n",
+            "endpoints:\n  - address: 10.0.0.1:80\n    weight: 3\n    zone: a\n    priority: 2\n    metadata: {canary: true}\n  - { address: \"[::1]:81\" }\n",
             &c,
         )
         .unwrap();
         assert_eq!(ok.len(), 2);
-        assert_eq!(ok[0].weight, 3);
-        assert_eq!(ok[0].zone.as_deref(), Some("a"));
+        assert_eq!(ok[0].attributes.weight, 3);
+        assert_eq!(ok[0].attributes.zone.as_deref(), Some("a"));
+        assert_eq!(ok[0].attributes.priority, 2);
+        assert_eq!(ok[1].attributes.priority, 0);
         assert_eq!(&*ok[1].host, "::1");
         let json = parse_file(
             p,
@@ -831,7 +818,7 @@ mod tests {
             &c,
         )
         .unwrap();
-        assert_eq!(json[0].weight, 2);
+        assert_eq!(json[0].attributes.weight, 2);
 
         let e = parse_file(
             p,
@@ -890,19 +877,22 @@ mod tests {
             &http,
         )
         .unwrap();
-        let own = ok[0].health_check.as_ref().unwrap();
+        let own = ok[0].attributes.health_check.as_ref().unwrap();
         assert_eq!(
             (own.host.as_deref(), own.port),
             (Some("a.internal"), Some(8081))
         );
-        assert_eq!(ok[1].health_check, None);
+        assert_eq!(ok[1].attributes.health_check, None);
         let json = parse_file(
             p,
             r#"{"endpoints": [{"address": "10.0.0.2:80", "health_check": {"port": 9000}}]}"#,
             &tcp,
         )
         .unwrap();
-        assert_eq!(json[0].health_check.as_ref().unwrap().port, Some(9000));
+        assert_eq!(
+            json[0].attributes.health_check.as_ref().unwrap().port,
+            Some(9000)
+        );
 
         // The config's checks and messages, at the offending key.
         let err = |text: &str, c: &config::Cluster| parse_file(p, text, c).unwrap_err().to_string();

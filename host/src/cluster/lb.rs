@@ -350,25 +350,34 @@ impl Balancer {
             return None;
         }
         let mut excluded = normalize_exclusion(exclude, n);
-        // The gauge counts the newest generation; an attempt (a retry) still
-        // on an older one counts its own endpoints (rare, so counted here).
-        let healthy = if self.cluster.is_newest() {
-            usize::try_from(self.cluster.stats.membership_healthy.load(Relaxed))
-                .unwrap_or(usize::MAX)
+        // Zone-aware routing keeps to the highest priority level, as Envoy's.
+        let mut zoned = true;
+        if self.cluster.levels.is_single() {
+            // The gauge counts the newest generation; an attempt (a retry) still
+            // on an older one counts its own endpoints (rare, so counted here).
+            let healthy = if self.cluster.is_newest() {
+                usize::try_from(self.cluster.stats.membership_healthy.load(Relaxed))
+                    .unwrap_or(usize::MAX)
+            } else {
+                self.cluster
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.health.is_available())
+                    .count()
+            };
+            if healthy < n {
+                excluded = self.health_exclusion(excluded, healthy)?;
+            }
         } else {
-            self.cluster
-                .endpoints
-                .iter()
-                .filter(|e| e.health.is_available())
-                .count()
-        };
-        if healthy < n {
-            excluded = self.health_exclusion(excluded, healthy)?;
+            let draw = self.rng.borrow_mut().random_range(0..100);
+            (excluded, zoned) = self.cluster.priority_exclusion(&excluded, draw)?;
         }
-        if self.cluster.zone_aware() {
-            excluded = self
-                .cluster
-                .zone_exclusion(excluded, self.rng.borrow_mut().random());
+        if zoned && self.cluster.zone_aware() {
+            excluded = self.cluster.zone_exclusion(
+                excluded,
+                self.cluster.levels.first(),
+                self.rng.borrow_mut().random(),
+            );
         }
         let shared = &self.cluster.lb;
         Some(match shared.policy {
@@ -532,7 +541,7 @@ fn normalize_exclusion(exclude: &[usize], n: usize) -> Vec<usize> {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-    use crate::cluster::tests::weighted;
+    use crate::cluster::tests::{cluster, weighted};
 
     #[test]
     fn an_older_generation_still_skips_its_unhealthy_endpoints() {
@@ -547,10 +556,7 @@ mod tests {
                 format!("10.0.0.{i}:80").parse().unwrap(),
                 "h".into(),
                 format!("10.0.0.{i}:80"),
-                1,
-                None,
-                None,
-                None,
+                crate::cluster::Attributes::default(),
             ));
         }
         let _c2 = c1.with_endpoints(next).unwrap();
@@ -852,10 +858,7 @@ mod tests {
                     format!("10.0.1.{i}:80").parse().unwrap(),
                     "svc".into(),
                     "svc:80".to_string(),
-                    1,
-                    None,
-                    None,
-                    None,
+                    crate::cluster::Attributes::default(),
                 )
             })
             .collect();
@@ -1033,6 +1036,126 @@ mod tests {
         strict.set_flag(2, FAILED_ACTIVE_HC, true);
         assert_eq!(b.pick(None, &[]), None, "nothing available, no panic");
         assert_eq!(strict.stats.lb_healthy_panic.load(Relaxed), 0);
+    }
+
+    /// Endpoints `10.0.0.{1,2,..}:80` at the given priorities, weight 1.
+    fn prioritized(policy: &str, priorities: &[u32], extra: &str) -> Arc<Cluster> {
+        let endpoints: String = priorities
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!(
+                    "  - {{ address: \"10.0.0.{}:80\", priority: {p} }}\n",
+                    i + 1
+                )
+            })
+            .collect();
+        cluster(&format!(
+            "name: c\nlb_policy: {policy}\n{extra}endpoints:\n{endpoints}"
+        ))
+    }
+
+    #[test]
+    fn a_lower_priority_takes_what_the_higher_one_cannot() {
+        use crate::cluster::health::FAILED_ACTIVE_HC;
+        for policy in ["round_robin", "least_request", "random", "ring_hash"] {
+            // P=0: 0, 1; P=1: 2 (the backup), P=2: 3.
+            let c = prioritized(policy, &[0, 0, 1, 2], "");
+            let b = seeded(&c, 7);
+            let hash = (policy == "ring_hash").then_some(99);
+            let n = counts(&b, 1000, None, &[]);
+            assert_eq!((n[2], n[3]), (0, 0), "{policy}: {n:?}");
+            assert!(n[0] > 300 && n[1] > 300, "{policy}: {n:?}");
+            // Half of P=0 left: 70% there, 30% to P=1.
+            c.set_flag(0, FAILED_ACTIVE_HC, true);
+            let n = counts(&b, 10_000, None, &[]);
+            assert_eq!((n[0], n[3]), (0, 0), "{policy}: {n:?}");
+            assert!((6700..7300).contains(&n[1]), "{policy}: {n:?}");
+            // All of P=0 gone: P=1 takes everything.
+            c.set_flag(1, FAILED_ACTIVE_HC, true);
+            assert_eq!(counts(&b, 100, hash, &[]), [0, 0, 100, 0], "{policy}");
+            // Retries: a tried P=1 endpoint sends the retry to P=2.
+            assert_eq!(b.pick(hash, &[2]), Some(3), "{policy}");
+            // Back: all on P=0 again.
+            c.set_flag(0, FAILED_ACTIVE_HC, false);
+            c.set_flag(1, FAILED_ACTIVE_HC, false);
+            let n = counts(&b, 200, None, &[]);
+            assert_eq!((n[2], n[3]), (0, 0), "{policy}: {n:?}");
+            // A retry after both P=0 endpoints were tried goes to P=1.
+            assert_eq!(b.pick(hash, &[0, 1]), Some(2), "{policy}");
+            assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 0, "{policy}");
+        }
+    }
+
+    #[test]
+    fn priority_panic_is_per_level_and_total_panic_spreads_by_size() {
+        use crate::cluster::health::FAILED_ACTIVE_HC;
+        // No overprovisioning. P=0: 0..=3 with only 3 available (score 25, below
+        // the 50% threshold: in panic); P=1: 4 available, 5 not (score 50, not in
+        // panic). The scores add up to 75: P=0 takes 34%, P=1 66%; P=0 uses all
+        // its endpoints, P=1 only its available one.
+        let c = prioritized(
+            "random",
+            &[0, 0, 0, 0, 1, 1],
+            "overprovisioning_factor: 100\n",
+        );
+        for i in [0, 1, 2, 5] {
+            c.set_flag(i, FAILED_ACTIVE_HC, true);
+        }
+        let b = seeded(&c, 3);
+        let n = counts(&b, 10_000, None, &[]);
+        assert_eq!(n[5], 0, "{n:?}");
+        assert!((6300..6900).contains(&n[4]), "{n:?}");
+        assert!(n[..4].iter().all(|&k| (700..1000).contains(&k)), "{n:?}");
+        let panics = c.stats.lb_healthy_panic.load(Relaxed);
+        assert_eq!(panics, n[..4].iter().sum::<usize>() as u64);
+        // Nothing available: every level in panic, the load by size (67% / 33%).
+        c.set_flag(3, FAILED_ACTIVE_HC, true);
+        c.set_flag(4, FAILED_ACTIVE_HC, true);
+        let n = counts(&b, 10_000, None, &[]);
+        let p0: usize = n[..4].iter().sum();
+        assert!((6400..7000).contains(&p0), "{n:?}");
+        assert!(n.iter().all(|&k| k > 1000), "{n:?}");
+        // With panic mode off, nothing at all.
+        let strict = prioritized("round_robin", &[0, 1], "panic_threshold: 0%\n");
+        strict.set_flag(0, FAILED_ACTIVE_HC, true);
+        let b = seeded(&strict, 3);
+        assert_eq!(counts(&b, 10, None, &[]), [0, 10]);
+        strict.set_flag(1, FAILED_ACTIVE_HC, true);
+        assert_eq!(b.pick(None, &[]), None);
+        assert_eq!(strict.stats.upstream_cx_none_healthy.load(Relaxed), 1);
+        assert_eq!(strict.stats.lb_healthy_panic.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn the_overprovisioning_factor_sets_when_traffic_spills() {
+        use crate::cluster::health::FAILED_ACTIVE_HC;
+        // 4 of 5 P=0 endpoints: whole at 140%, 80% at 100%.
+        for (factor, least, most) in [("140", 0, 0), ("100", 1700, 2300)] {
+            let c = prioritized(
+                "random",
+                &[0, 0, 0, 0, 0, 1],
+                &format!("overprovisioning_factor: {factor}\n"),
+            );
+            c.set_flag(0, FAILED_ACTIVE_HC, true);
+            let n = counts(&seeded(&c, 11), 10_000, None, &[]);
+            assert!((least..=most).contains(&n[5]), "{factor}: {n:?}");
+        }
+    }
+
+    #[test]
+    fn zones_apply_within_the_highest_priority_level() {
+        // P=0: 0 (zone a), 1 (zone b); P=1: 2 (zone a). Local zone a.
+        let mut cfg: crate::config::Cluster = serde_saphyr::from_str(
+            "name: c\nzone_aware: { min_cluster_size: 1 }\nendpoints:\n  - { address: \"10.0.0.1:80\", zone: a }\n  - { address: \"10.0.0.2:80\", zone: b }\n  - { address: \"10.0.0.3:80\", zone: a, priority: 1 }\n",
+        )
+        .unwrap();
+        cfg.local_zone = Some("a".into());
+        let c = Cluster::from_config(&cfg).unwrap();
+        let b = seeded(&c, 5);
+        assert_eq!(counts(&b, 50, None, &[]), [50, 0, 0]);
+        // The local P=0 endpoint tried: the other zone of P=0, not P=1's local one.
+        assert_eq!(b.pick(None, &[0]), Some(1));
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod hash;
 pub mod health;
 mod lb;
 pub mod outlier;
+mod priority;
 mod zone;
 
 pub use breaker::{ConnectPermit, RetrySlot};
@@ -290,6 +291,8 @@ pub struct Endpoint {
     pub authority: String,
     /// Relative weight (at least 1).
     pub weight: u32,
+    /// Priority level: 0 is the highest.
+    pub priority: u32,
     /// The zone the endpoint runs in, if known.
     pub zone: Option<String>,
     /// Free-form metadata from the config or the endpoint file.
@@ -305,22 +308,69 @@ pub struct Endpoint {
     pub outlier: outlier::OutlierState,
 }
 
+/// What the config or the endpoint file says about an endpoint besides where it
+/// is: changing any of it makes a new endpoint (see [`discovery`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attributes {
+    /// Relative weight (at least 1).
+    pub weight: u32,
+    /// Priority level: 0 is the highest.
+    pub priority: u32,
+    /// The zone the endpoint runs in, if known.
+    pub zone: Option<String>,
+    /// Free-form metadata.
+    pub metadata: Option<Value>,
+    /// The endpoint's own health-check settings.
+    pub health_check: Option<config::EndpointHealthCheck>,
+}
+
+impl Default for Attributes {
+    /// Weight 1, priority 0, nothing else: an endpoint listed by its address alone.
+    fn default() -> Attributes {
+        Attributes {
+            weight: 1,
+            priority: 0,
+            zone: None,
+            metadata: None,
+            health_check: None,
+        }
+    }
+}
+
+impl Attributes {
+    /// A configured endpoint's attributes (its weight at least 1).
+    pub fn of(ep: &config::EndpointConfig) -> Attributes {
+        Attributes {
+            weight: ep.weight.max(1),
+            priority: ep.priority,
+            zone: ep.zone.clone(),
+            metadata: ep.metadata.clone(),
+            health_check: ep.health_check.clone(),
+        }
+    }
+}
+
 impl Endpoint {
     /// A new endpoint with fresh counters and health.
     pub fn new(
         address: SocketAddr,
         host: Arc<str>,
         authority: String,
-        weight: u32,
-        zone: Option<String>,
-        metadata: Option<Value>,
-        health_check: Option<config::EndpointHealthCheck>,
+        attributes: Attributes,
     ) -> Arc<Endpoint> {
+        let Attributes {
+            weight,
+            priority,
+            zone,
+            metadata,
+            health_check,
+        } = attributes;
         Arc::new(Endpoint {
             address,
             host,
             authority,
             weight,
+            priority,
             zone,
             metadata,
             health_check,
@@ -328,6 +378,17 @@ impl Endpoint {
             health: health::EndpointHealth::default(),
             outlier: outlier::OutlierState::default(),
         })
+    }
+
+    /// What the config said about this endpoint.
+    pub fn attributes(&self) -> Attributes {
+        Attributes {
+            weight: self.weight,
+            priority: self.priority,
+            zone: self.zone.clone(),
+            metadata: self.metadata.clone(),
+            health_check: self.health_check.clone(),
+        }
     }
 }
 
@@ -350,6 +411,8 @@ pub struct Cluster {
     hash_header: Option<HeaderName>,
     /// What the policy precomputes: cumulative weights, the hash ring.
     lb: lb::Shared,
+    /// The endpoints by priority level.
+    levels: priority::Levels,
     /// This generation's id (see [`Cluster::is_newest`]).
     generation: u64,
     /// When the last upstream TLS failure was logged at WARN, and its reason
@@ -445,10 +508,7 @@ impl Cluster {
                 address,
                 host.into(),
                 ep.address.clone(),
-                ep.weight,
-                ep.zone.clone(),
-                ep.metadata.clone(),
-                ep.health_check.clone(),
+                Attributes::of(ep),
             ));
         }
         Self::assemble(cfg, endpoints, stats, Arc::default())
@@ -485,6 +545,7 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             name: cfg.name.clone(),
             lb: lb::Shared::new(cfg.lb_policy, &endpoints),
+            levels: priority::Levels::new(&endpoints),
             config: cfg.clone(),
             endpoints,
             stats,
@@ -767,6 +828,7 @@ impl Cluster {
                 m.insert("address".into(), ep.address.to_string().into());
                 m.insert("configured_address".into(), ep.authority.clone().into());
                 m.insert("weight".into(), ep.weight.into());
+                m.insert("priority".into(), ep.priority.into());
                 if let Some(zone) = &ep.zone {
                     m.insert("zone".into(), zone.clone().into());
                 }

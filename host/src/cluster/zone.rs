@@ -22,20 +22,30 @@ impl Cluster {
     }
 
     /// `excluded` (sorted, distinct, leaving at least one endpoint) narrowed to the
-    /// local zone or to the other zones; `draw` in [0, 1) decides when the local zone
-    /// is partly unavailable. Never excludes every endpoint.
-    pub(super) fn zone_exclusion(&self, excluded: Vec<usize>, draw: f64) -> Vec<usize> {
+    /// local zone or to the other zones of `level` (the endpoints of the highest
+    /// priority level; `None`: all, there being one level); `draw` in [0, 1) decides
+    /// when the local zone is partly unavailable. Never excludes every endpoint.
+    pub(super) fn zone_exclusion(
+        &self,
+        excluded: Vec<usize>,
+        level: Option<&[usize]>,
+        draw: f64,
+    ) -> Vec<usize> {
         let (Some(za), Some(local)) = (&self.config.zone_aware, &self.config.local_zone) else {
             return excluded;
         };
         let n = self.endpoints.len();
+        let in_level = |i: usize| level.is_none_or(|l| l.binary_search(&i).is_ok());
+        // Endpoints outside the level count as neither side: excluded already.
         let is_local: Vec<bool> = self
             .endpoints
             .iter()
-            .map(|e| e.zone.as_deref() == Some(local.as_str()))
+            .enumerate()
+            .map(|(i, e)| in_level(i) && e.zone.as_deref() == Some(local.as_str()))
             .collect();
+        let size = level.map_or(n, <[usize]>::len);
         let local_total = is_local.iter().filter(|&&l| l).count();
-        if n < za.min_cluster_size as usize || local_total == 0 {
+        if size < za.min_cluster_size as usize || local_total == 0 {
             self.stats.lb_zone_cluster_too_small.fetch_add(1, Relaxed);
             return excluded;
         }
@@ -54,7 +64,7 @@ impl Cluster {
             false
         };
         let mut narrowed = excluded.clone();
-        narrowed.extend((0..n).filter(|&i| is_local[i] != stay));
+        narrowed.extend((0..n).filter(|&i| in_level(i) && is_local[i] != stay));
         narrowed.sort_unstable();
         narrowed.dedup();
         if narrowed.len() >= n {
@@ -90,14 +100,14 @@ mod tests {
         let c = zoned(1);
         assert!(c.zone_aware());
         // Whole local zone: only it.
-        assert_eq!(c.zone_exclusion(vec![], 0.99), [2, 3]);
+        assert_eq!(c.zone_exclusion(vec![], None, 0.99), [2, 3]);
         // Half of it tried or down: local below the draw's half, else the others.
-        assert_eq!(c.zone_exclusion(vec![0], 0.49), [0, 2, 3]);
-        assert_eq!(c.zone_exclusion(vec![0], 0.5), [0, 1]);
+        assert_eq!(c.zone_exclusion(vec![0], None, 0.49), [0, 2, 3]);
+        assert_eq!(c.zone_exclusion(vec![0], None, 0.5), [0, 1]);
         // All local gone: the others.
-        assert_eq!(c.zone_exclusion(vec![0, 1], 0.0), [0, 1]);
+        assert_eq!(c.zone_exclusion(vec![0, 1], None, 0.0), [0, 1]);
         // Other zones all gone too: health's choice stands.
-        assert_eq!(c.zone_exclusion(vec![0, 2, 3], 0.9), [0, 2, 3]);
+        assert_eq!(c.zone_exclusion(vec![0, 2, 3], None, 0.9), [0, 2, 3]);
         let s = &c.stats;
         assert_eq!(s.lb_zone_routing_all_directly.load(Relaxed), 1);
         assert_eq!(s.lb_zone_routing_sampled.load(Relaxed), 1);
@@ -107,7 +117,7 @@ mod tests {
     #[test]
     fn small_clusters_ignore_zones() {
         let c = zoned(5);
-        assert_eq!(c.zone_exclusion(vec![], 0.0), Vec::<usize>::new());
+        assert_eq!(c.zone_exclusion(vec![], None, 0.0), Vec::<usize>::new());
         assert_eq!(c.stats.lb_zone_cluster_too_small.load(Relaxed), 1);
     }
 }

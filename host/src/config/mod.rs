@@ -1148,6 +1148,11 @@ pub struct Cluster {
     /// `lb_healthy_panic`). Default 50%, as Envoy; `0%` disables panic mode.
     #[serde(default = "defaults::panic_threshold")]
     pub panic_threshold: Percent,
+    /// How much more than its share a priority level can take, in percent (Envoy's
+    /// `overprovisioning_factor`): a level counts as whole while its available share
+    /// of endpoints times this is at least 100%. Default 140, as Envoy.
+    #[serde(default = "defaults::overprovisioning_factor")]
+    pub overprovisioning_factor: u32,
     /// Limits on what the cluster may have in flight, across all workers.
     #[serde(default)]
     pub circuit_breakers: CircuitBreakers,
@@ -1599,6 +1604,10 @@ pub struct EndpointConfig {
     /// The zone (failure domain) the endpoint runs in; absent = unknown.
     #[serde(default)]
     pub zone: Option<String>,
+    /// Priority level (Envoy's locality `priority`): 0, the default, is the highest;
+    /// a higher number takes traffic only as the levels above it lose endpoints.
+    #[serde(default)]
+    pub priority: u32,
     /// Free-form metadata, shown in `/clusters`.
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
@@ -1884,6 +1893,9 @@ pub(crate) mod defaults {
     }
     pub fn weight() -> u32 {
         1
+    }
+    pub fn overprovisioning_factor() -> u32 {
+        140
     }
     pub fn zero() -> Dur {
         Dur::millis(0)

@@ -2370,6 +2370,19 @@ fn validate_resilience(e: &mut Issues, loc: &Location, c: &Cluster) {
         }
     };
     percent(e, c.panic_threshold, &["panic_threshold"]);
+    if c.overprovisioning_factor < 100 {
+        e.at(
+            loc,
+            format!(
+                "cluster `{name}`: `overprovisioning_factor` {} is below 100",
+                c.overprovisioning_factor
+            ),
+            "write 100 or more (it is in percent): 100 means no headroom, a priority level \
+             spills traffic to the next as soon as one of its endpoints goes; Envoy's \
+             default 140 lets a level lose 28% of its endpoints first",
+        )
+        .key("overprovisioning_factor");
+    }
     if let Some(ac) = &c.adaptive_concurrency {
         percent(e, ac.jitter, &["adaptive_concurrency", "jitter"]);
         percent(e, ac.buffer, &["adaptive_concurrency", "buffer"]);
