@@ -399,17 +399,30 @@ struct PoolInner {
     /// carrying an upgraded tunnel): a key with none may open one over
     /// `max_connections` ([`crate::cluster::Cluster::connect_permit_for`]).
     /// Looked up only when a connection is opened.
-    live: RefCell<FxHashMap<Key, Arc<AtomicUsize>>>,
+    live: RefCell<FxHashMap<Key, Arc<KeyConnections>>>,
+}
+
+/// A worker's connections to one key: how many are opening or open, and the
+/// HTTP/1.1 attempts waiting over `max_connections` for one of them to come free.
+#[derive(Default)]
+struct KeyConnections {
+    count: AtomicUsize,
+    /// Notified (one waiter, oldest first) when a connection goes back to the
+    /// idle pool or closes.
+    freed: tokio::sync::Notify,
 }
 
 /// One of a worker's connections to a key, opening or open: counted in
-/// [`PoolInner::live`] until dropped, with the socket. An atomic, not a `Cell`,
+/// [`PoolInner::live`] until dropped, with the socket. Atomics, not a `Cell`,
 /// because an upgraded socket must be `Send`.
-struct Live(Arc<AtomicUsize>);
+struct Live(Arc<KeyConnections>);
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+        // Its `max_connections` slot is free (the socket's counter guard
+        // dropped first): a waiting attempt may open one.
+        self.0.freed.notify_one();
     }
 }
 
@@ -481,9 +494,12 @@ impl Pool {
         mut req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
         let key = Key::new(s, &target);
+        // An upgrade (a WebSocket) is not queued over `max_connections`: the
+        // connection it would wait for may be another's tunnel, for hours.
+        let may_wait = req.extensions().get::<UpgradeRequest>().is_none();
         // hyper picks the wire format from the version field; h2 wants absolute URIs
         // with scheme+authority, h1 an origin-form path (set by the caller).
-        let (sender, used) = self.acquire(s, &key, &target, true).await?;
+        let (sender, used) = self.acquire(s, &key, &target, true, may_wait).await?;
         let (sender, used) = match self.try_send(&key, s, sender, req, target.addr).await {
             Ok(mut resp) => {
                 resp.extensions_mut().insert(used);
@@ -493,7 +509,7 @@ impl Pool {
             // A pooled connection closed under us: once more, on a fresh one.
             Err(SendError::NotSent(back)) if used == ConnectionUse::Reused => {
                 req = *back;
-                self.acquire(s, &key, &target, false).await?
+                self.acquire(s, &key, &target, false, may_wait).await?
             }
             Err(SendError::NotSent(_)) => return Err(closed_before_sent(target.addr)),
         };
@@ -509,13 +525,15 @@ impl Pool {
 
     /// A connection for one attempt: the key's HTTP/2 connection (waiting for it if
     /// another attempt is opening it), an idle HTTP/1.1 one if `idle_ok`, else a
-    /// new one.
+    /// new one; over `max_connections`, if `may_wait`, an HTTP/1.1 one that comes
+    /// free, else a 503 `overloaded` error.
     async fn acquire(
         &self,
         s: &UpstreamSettings,
         key: &Key,
         target: &Target<'_>,
         mut idle_ok: bool,
+        may_wait: bool,
     ) -> Result<(Sender, ConnectionUse), ProxyError> {
         let asked = Instant::now();
         // The attempt's `max_pending_requests` slot while it waits for another's
@@ -587,6 +605,24 @@ impl Pool {
                 // Checking them out may have awaited: look at the map again.
                 idle_ok = false;
                 continue;
+            }
+            if permit.is_none() && may_wait && s.protocol == UpstreamProtocol::Http1 {
+                let first = !self.has_live(key);
+                // Its own pending slot goes to the permit's.
+                let waited = pending.take().is_some();
+                match target.cluster.try_connect_permit(first, !waited)? {
+                    Some(p) => permit = Some(p),
+                    None => {
+                        // Over `max_connections`, every connection of this
+                        // worker's to the endpoint busy: wait as a pending
+                        // request, as in Envoy's pool, until one goes back
+                        // to the pool (take it) or closes (open one).
+                        pending = Some(target.cluster.pending_permit()?);
+                        self.connections(key).freed.notified().await;
+                        idle_ok = true;
+                        continue;
+                    }
+                }
             }
             let opener = s.may_be_h2().then(|| Opener::start(&self.inner, key));
             drop(pending);
@@ -909,7 +945,7 @@ impl Pool {
         self.inner
             .live
             .borrow_mut()
-            .retain(|_, n| n.load(Ordering::Relaxed) > 0);
+            .retain(|_, n| n.count.load(Ordering::Relaxed) > 0);
     }
 
     /// Whether this worker has a connection to `key`, opening or open.
@@ -918,15 +954,20 @@ impl Pool {
             .live
             .borrow()
             .get(key)
-            .is_some_and(|n| n.load(Ordering::Relaxed) > 0)
+            .is_some_and(|n| n.count.load(Ordering::Relaxed) > 0)
     }
 
     /// Counts a connection to `key` being opened, until the guard drops.
     fn live(&self, key: &Key) -> Live {
-        let mut live = self.inner.live.borrow_mut();
-        let n = live.entry(key.clone()).or_default().clone();
-        n.fetch_add(1, Ordering::Relaxed);
+        let n = self.connections(key);
+        n.count.fetch_add(1, Ordering::Relaxed);
         Live(n)
+    }
+
+    /// This worker's connections to `key`.
+    fn connections(&self, key: &Key) -> Arc<KeyConnections> {
+        let mut live = self.inner.live.borrow_mut();
+        live.entry(key.clone()).or_default().clone()
     }
 
     /// Number of idle HTTP/1.1 connections (for tests and stats).
@@ -1236,13 +1277,19 @@ impl body::Watch for Return {
             return;
         };
         let mut idle = pool.idle.borrow_mut();
-        let list = idle.entry(self.key).or_default();
+        let list = idle.entry(self.key.clone()).or_default();
         if list.len() < self.max_idle {
             list.push(Idle {
                 sender: self.sender,
                 since: Instant::now(),
                 idle_timeout: self.idle_timeout,
             });
+            drop(idle);
+            // An attempt waiting over `max_connections` takes it. (One not
+            // pooled closes, and its `Live` tells them.)
+            if let Some(n) = pool.live.borrow().get(&self.key) {
+                n.freed.notify_one();
+            }
         }
     }
 }

@@ -387,10 +387,11 @@ impl hyper::body::Body for Endless {
 each_proto!(
     /// Copies the shadow cluster's own circuit breaker refuses (here
     /// `max_connections: 1` over HTTP/1.1, its one connection held by a copy
-    /// the shadow has not answered) are mirror failures, not failures of the
-    /// shadow endpoint: no `rq_error`, nothing for outlier detection, as on
-    /// the primary path. (They were recorded as the endpoint's: two such
-    /// refusals ejected it.)
+    /// the shadow has not answered, and `max_pending_requests: 1` taken by the
+    /// copy waiting for it) are mirror failures, not failures of the shadow
+    /// endpoint: no `rq_error`, nothing for outlier detection, as on the
+    /// primary path. (They were recorded as the endpoint's: two such refusals
+    /// ejected it.)
     async fn copies_the_shadow_breaker_refuses_do_not_eject_its_endpoint(proto) {
         let p = upstream().name("primary").start().await;
         let seen = Seen::default();
@@ -400,7 +401,7 @@ each_proto!(
             &format!("    endpoints: [{{ address: \"{}\" }}]\n", held.addr),
             &format!(
                 "    endpoints: [{{ address: \"{}\" }}]\n    protocol: http1\n    \
-                 circuit_breakers: {{ max_connections: 1 }}\n    \
+                 circuit_breakers: {{ max_connections: 1, max_pending_requests: 1 }}\n    \
                  outlier_detection: {{ consecutive_gateway_failure: 2, consecutive_5xx: 2 }}\n",
                 held.addr
             ),
@@ -414,7 +415,9 @@ each_proto!(
             (seen.lock().unwrap().len() == 1).then_some(())
         })
         .await;
-        for _ in 0..3 {
+        // The first waits for the held copy's connection; the next three are
+        // refused.
+        for _ in 0..4 {
             let r = c.get("/refused").send().await;
             assert_eq!(r.status, 200);
         }
@@ -422,7 +425,8 @@ each_proto!(
             (lg.stat(&stat("mirror_failures", "shadow")).await == Some(3.0)).then_some(())
         })
         .await;
-        lg.assert_stat(&stat("upstream_cx_overflow", "shadow"), 3.0).await;
+        lg.assert_stat(&stat("upstream_cx_overflow", "shadow"), 4.0).await;
+        lg.assert_stat(&stat("upstream_rq_pending_overflow", "shadow"), 3.0).await;
         lg.assert_stat(&stat("outlier_detection_ejections_total", "shadow"), 0.0)
             .await;
         lg.assert_stat(
@@ -435,6 +439,18 @@ each_proto!(
             (lg.stat(&stat("upstream_rq_2xx", "shadow")).await == Some(1.0)).then_some(())
         })
         .await;
-        assert_eq!(seen.lock().unwrap().len(), 1);
+        // The waiting copy went on the connection it gave back (and is held
+        // in its turn).
+        eventually(WAIT, "the waiting copy sent", || async {
+            (seen.lock().unwrap().len() == 2).then_some(())
+        })
+        .await;
+        assert_eq!(seen.lock().unwrap()[1].1, "/refused");
+        release.notify_waiters();
+        eventually(WAIT, "the waiting copy answered", || async {
+            (lg.stat(&stat("upstream_rq_2xx", "shadow")).await == Some(2.0)).then_some(())
+        })
+        .await;
+        assert_eq!(seen.lock().unwrap().len(), 2);
     }
 );

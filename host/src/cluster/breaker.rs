@@ -7,12 +7,14 @@
 //! both take the last slot. A reservation is a [`Slot`] (or the request guard
 //! itself for `max_requests`) and is given back when dropped.
 //!
-//! Legate has no queue of requests waiting for a connection: an attempt that would
-//! exceed a limit fails at once with 503 and `x-legate-overloaded: true`, and a retry
-//! that would exceed one is not made (the previous answer goes back to the client).
-//! "Pending" attempts are those waiting for a new connection to be established.
-//! One exception, Envoy's: a worker's first connection to an endpoint is opened
-//! over `max_connections` ([`Cluster::connect_permit_for`]).
+//! An attempt that would exceed a limit fails at once with 503 and
+//! `x-legate-overloaded: true`, and a retry that would exceed one is not made (the
+//! previous answer goes back to the client). "Pending" attempts are those waiting
+//! for a new connection to be established, or (HTTP/1.1, over `max_connections`,
+//! [`Cluster::try_connect_permit`]) for one of their worker's connections to come
+//! free: the pool waits, this module only counts. One exception, Envoy's: a
+//! worker's first connection to an endpoint is opened over `max_connections`
+//! ([`Cluster::connect_permit_for`]).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -109,22 +111,40 @@ impl Cluster {
     /// count goes over the limit) until it closes.
     pub fn connect_permit_for(self: &Arc<Self>, first: bool) -> Result<ConnectPermit, ProxyError> {
         let cb = &self.config.circuit_breakers;
+        self.try_connect_permit(first, true)?
+            .ok_or_else(|| overloaded(self, "max_connections", cb.max_connections))
+    }
+
+    /// As [`Cluster::connect_permit_for`], but over `max_connections` `Ok(None)`,
+    /// counted in `upstream_cx_overflow` if `count` (an attempt that waits for a
+    /// connection and asks again counts once); over `max_pending_requests` the
+    /// error.
+    pub fn try_connect_permit(
+        self: &Arc<Self>,
+        first: bool,
+        count: bool,
+    ) -> Result<Option<ConnectPermit>, ProxyError> {
+        let cb = &self.config.circuit_breakers;
         let connections: fn(&Cluster) -> &AtomicU64 = |c| &c.breakers.connections;
         let connection = match Slot::take(self, connections, u64::from(cb.max_connections)) {
             Some(slot) => slot,
             None => {
-                self.stats.upstream_cx_overflow.fetch_add(1, Relaxed);
-                match first {
-                    true => Slot::take(self, connections, u64::MAX)
-                        .ok_or_else(|| overloaded(self, "max_connections", cb.max_connections))?,
-                    false => return Err(overloaded(self, "max_connections", cb.max_connections)),
+                if count {
+                    self.stats.upstream_cx_overflow.fetch_add(1, Relaxed);
+                }
+                match first
+                    .then(|| Slot::take(self, connections, u64::MAX))
+                    .flatten()
+                {
+                    Some(slot) => slot,
+                    None => return Ok(None),
                 }
             }
         };
-        Ok(ConnectPermit {
+        Ok(Some(ConnectPermit {
             connection,
             _pending: self.pending_permit()?,
-        })
+        }))
     }
 
     /// Reserves a `max_pending_requests` slot for an attempt waiting for a
