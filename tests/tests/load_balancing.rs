@@ -163,7 +163,7 @@ each_proto!(
     /// it back keeps it on the endpoint it reached, from any connection.
     async fn ring_hash_makes_a_sticky_cookie(proto) {
         let (_ups, lg) =
-            ring_hash_over_three("{ cookie: sticky, cookie_ttl: 1h, cookie_path: /app }").await;
+            ring_hash_over_three("{ cookie: sticky, cookie_ttl: 1h, cookie_path: /app, cookie_same_site: strict }").await;
         let mut owners: HashMap<String, String> = HashMap::new();
         for _ in 0..24 {
             // A new connection each: another peer address, another cookie.
@@ -180,7 +180,7 @@ each_proto!(
             assert_eq!(value.len(), 16, "{set}");
             assert_eq!(
                 set,
-                format!("sticky={value}; Path=/app; Max-Age=3600; HttpOnly")
+                format!("sticky={value}; Path=/app; Max-Age=3600; HttpOnly; SameSite=Strict")
             );
             // Sent back, on another connection: the same endpoint, no new cookie.
             let mut c = client(proto, lg.addr("web")).await;

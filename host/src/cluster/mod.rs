@@ -635,6 +635,13 @@ impl Cluster {
             set.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
         }
         set.push_str("; HttpOnly");
+        if on.cookie_secure {
+            set.push_str("; Secure");
+        }
+        if let Some(same_site) = on.cookie_same_site {
+            set.push_str("; SameSite=");
+            set.push_str(same_site.as_str());
+        }
         let set = http::HeaderValue::from_str(&set).ok()?;
         Some((hash::xxh64(value.as_bytes()), set))
     }
@@ -1258,6 +1265,25 @@ mod tests {
         assert!(!set.to_str().unwrap().contains("Max-Age"), "{set:?}");
         // Without `cookie_ttl`, none is made.
         assert!(ring("{ cookie: sid }").sticky_cookie(IP, peer).is_none());
+        // The attributes asked for.
+        let (_, set) = ring(
+            "{ cookie: sid, cookie_ttl: 0s, cookie_path: /app, cookie_secure: true, cookie_same_site: none }",
+        )
+        .sticky_cookie(IP, peer)
+        .unwrap();
+        let set = set.to_str().unwrap();
+        assert!(
+            set.ends_with("; Path=/app; HttpOnly; Secure; SameSite=None"),
+            "{set}"
+        );
+        let (_, set) = ring("{ cookie: sid, cookie_ttl: 1h, cookie_same_site: strict }")
+            .sticky_cookie(IP, peer)
+            .unwrap();
+        let set = set.to_str().unwrap();
+        assert!(
+            set.ends_with("; Max-Age=3600; HttpOnly; SameSite=Strict"),
+            "{set}"
+        );
     }
 
     #[test]

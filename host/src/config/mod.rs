@@ -1667,9 +1667,40 @@ pub struct HashOn {
     /// endpoint, not only the path of the first request.
     #[serde(default)]
     pub cookie_path: Option<String>,
+    /// Mark a made cookie `Secure` (sent back over HTTPS only). Default false:
+    /// a plaintext listener's clients could not send it back.
+    #[serde(default)]
+    pub cookie_secure: bool,
+    /// A made cookie's `SameSite` attribute; absent: none (the browser's
+    /// default, `Lax` in current ones).
+    #[serde(default)]
+    pub cookie_same_site: Option<SameSite>,
     /// The client's IP address.
     #[serde(default)]
     pub source_ip: bool,
+}
+
+/// A cookie's `SameSite` attribute.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SameSite {
+    /// `SameSite=Strict`: sent on same-site requests only.
+    Strict,
+    /// `SameSite=Lax`: also on top-level navigations from other sites.
+    Lax,
+    /// `SameSite=None`: on cross-site requests too (needs `Secure`).
+    None,
+}
+
+impl SameSite {
+    /// The attribute's value as written in `Set-Cookie`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Strict => "Strict",
+            SameSite::Lax => "Lax",
+            SameSite::None => "None",
+        }
+    }
 }
 
 /// Upstream HTTP protocol.

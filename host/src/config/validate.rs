@@ -2047,6 +2047,8 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
                 for (key, set) in [
                     ("cookie_ttl", h.cookie_ttl.is_some()),
                     ("cookie_path", h.cookie_path.is_some()),
+                    ("cookie_secure", h.cookie_secure),
+                    ("cookie_same_site", h.cookie_same_site.is_some()),
                 ] {
                     if set {
                         e.at(
@@ -2058,6 +2060,19 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
                         .key(key);
                     }
                 }
+            }
+            if h.cookie_same_site == Some(crate::config::SameSite::None) && !h.cookie_secure {
+                e.at(
+                    loc,
+                    format!(
+                        "cluster `{}`: `hash_on.cookie_same_site: none` without `cookie_secure: true`",
+                        c.name
+                    ),
+                    "browsers drop a `SameSite=None` cookie that is not `Secure`: add \
+                     `cookie_secure: true` (the site must be served over HTTPS), or use `lax`",
+                )
+                .key("hash_on")
+                .key("cookie_same_site");
             }
             if let Some(path) = &h.cookie_path {
                 // A cookie attribute value: no control byte or `;` (RFC 6265 §4.1.1).
