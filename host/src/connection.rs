@@ -116,10 +116,10 @@ pub async fn serve(
     serving: Option<crate::listener::Serving>,
     stream: TcpStream,
     peer: SocketAddr,
+    local: SocketAddr,
     original_dst: Option<SocketAddr>,
 ) -> Option<Linger> {
     let limits = ctx.cfg.limits.clone();
-    let local = stream.local_addr().unwrap_or(ctx.local_addr);
     let (io, tls) = match ctx.tls.load_full() {
         None => (Conn::Plain(stream), None),
         Some(server_tls) => {

@@ -32,6 +32,7 @@ pub mod plugin_build;
 pub mod plugin_profile;
 pub mod proxy;
 pub mod proxy_headers;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod router;
 pub mod server;

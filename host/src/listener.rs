@@ -32,6 +32,9 @@ pub struct ListenerStats {
     pub cx_lingering: Counter,
     /// TLS handshakes that failed or timed out.
     pub cx_tls_error: Counter,
+    /// Connections closed for a missing, malformed or late PROXY protocol
+    /// header (Envoy's `downstream_cx_proxy_proto_error`).
+    pub cx_proxy_proto_error: Counter,
     /// HTTP connections closed hard because their graceful close (after the
     /// idle timeout, or in a drain) stalled for another idle timeout
     /// ([`crate::connection::serve`]).
@@ -129,6 +132,11 @@ impl ListenerStats {
             cx_tls_error: stats.counter(
                 "legate_listener_tls_errors_total",
                 "TLS handshakes that failed or timed out.",
+                &l,
+            ),
+            cx_proxy_proto_error: stats.counter(
+                "legate_listener_proxy_protocol_errors_total",
+                "Connections closed for a missing, malformed or late PROXY protocol header.",
                 &l,
             ),
             cx_close_timeout: stats.counter(
@@ -581,11 +589,16 @@ pub async fn accept_loop(
         let serving = ctx.cfg.tcp.is_none().then(|| ctx.serving());
         tokio::task::spawn_local(async move {
             let _slot = slot;
+            let mut stream = stream;
+            let Some((peer, local)) = proxied_addresses(&ctx, &mut stream, peer).await else {
+                return;
+            };
             let linger = if ctx.cfg.tcp.is_some() {
-                crate::tcp_proxy::serve(worker, ctx, stream, peer, original_dst).await;
+                crate::tcp_proxy::serve(worker, ctx, stream, peer, local, original_dst).await;
                 None
             } else {
-                crate::connection::serve(worker, ctx, serving, stream, peer, original_dst).await
+                crate::connection::serve(worker, ctx, serving, stream, peer, local, original_dst)
+                    .await
             };
             // A lingering close serves no more requests: a drain does not wait
             // for it (if the process exits first, its client sees the close it
@@ -598,6 +611,34 @@ pub async fn accept_loop(
         });
     }
     tracing::debug!(listener = %ctx.name, worker = worker.id, "stopped accepting (listener closed)");
+}
+
+/// The connection's client and local addresses: its own, or those of its PROXY
+/// protocol header when the listener reads one (within `header_read_timeout`).
+/// `None`: the header was missing, malformed or late; the connection is closed
+/// (counted, logged at debug).
+async fn proxied_addresses(
+    ctx: &ListenerCtx,
+    stream: &mut tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let local = stream.local_addr().unwrap_or(ctx.local_addr);
+    let Some(pp) = &ctx.cfg.proxy_protocol else {
+        return Some((peer, local));
+    };
+    let read = crate::proxy_protocol::read(stream, pp.required);
+    let why = match tokio::time::timeout(ctx.cfg.limits.header_read_timeout.get(), read).await {
+        Ok(Ok(crate::proxy_protocol::Header::Proxied {
+            source,
+            destination,
+        })) => return Some((source, destination)),
+        Ok(Ok(_)) => return Some((peer, local)),
+        Ok(Err(why)) => why,
+        Err(_) => "no PROXY protocol header within header_read_timeout".to_string(),
+    };
+    ctx.stats.cx_proxy_proto_error.inc();
+    tracing::debug!(listener = %ctx.name, %peer, "{why}; closing");
+    None
 }
 
 /// The destination a connection had before an iptables `REDIRECT` (SO_ORIGINAL_DST).

@@ -260,6 +260,7 @@ pub async fn serve(
     ctx: Arc<ListenerCtx>,
     stream: TcpStream,
     peer: SocketAddr,
+    local: SocketAddr,
     original_dst: Option<SocketAddr>,
 ) {
     let Some(tcp) = &ctx.cfg.tcp else { return };
@@ -279,7 +280,7 @@ pub async fn serve(
     };
     // A TLS handshake that failed logs nothing (counted in `tls_errors`), as
     // an HTTP connection closed without a request does not.
-    if run(&worker, &ctx, stream, original_dst, &mut session).await {
+    if run(&worker, &ctx, stream, local, original_dst, &mut session).await {
         session.log(worker.shared.access_log.as_ref());
     }
 }
@@ -289,6 +290,7 @@ async fn run(
     worker: &Rc<Worker>,
     ctx: &ListenerCtx,
     stream: TcpStream,
+    local: SocketAddr,
     original_dst: Option<SocketAddr>,
     session: &mut Session<'_>,
 ) -> bool {
@@ -304,10 +306,6 @@ async fn run(
     // Looked up once; the facts filters see are gathered only when there are
     // filters, so the plain path makes no extra syscall or allocation.
     let filters = snapshot.network.get(&ctx.name);
-    let local = match filters {
-        Some(_) => stream.local_addr().unwrap_or(peer),
-        None => peer,
-    };
     let logged = worker.shared.access_log.is_some();
     let downstream = match ctx.tls.load_full() {
         None => Conn::Plain(stream),

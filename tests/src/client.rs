@@ -178,15 +178,49 @@ impl Client {
         })
     }
 
+    /// Opens a plaintext connection that first sends `preamble` (a PROXY
+    /// protocol header, say).
+    pub async fn connect_after(
+        proto: Proto,
+        addr: SocketAddr,
+        preamble: &[u8],
+    ) -> anyhow::Result<Client> {
+        let mut tcp = TcpStream::connect(addr).await.context("tcp connect")?;
+        tcp.set_nodelay(true)?;
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, preamble).await?;
+        let sender = handshake(proto, tcp).await?;
+        Ok(Client {
+            proto,
+            sender,
+            scheme: "http",
+            authority: addr.to_string(),
+            peer_cert: None,
+            alpn: None,
+            tls_version: None,
+        })
+    }
+
     /// Opens a TLS connection.
     pub async fn connect_tls(
         proto: Proto,
         addr: SocketAddr,
         opts: TlsOptions,
     ) -> anyhow::Result<Client> {
+        Self::connect_tls_after(proto, addr, opts, &[]).await
+    }
+
+    /// Opens a TLS connection after sending `preamble` in cleartext (a PROXY
+    /// protocol header precedes the handshake).
+    pub async fn connect_tls_after(
+        proto: Proto,
+        addr: SocketAddr,
+        opts: TlsOptions,
+        preamble: &[u8],
+    ) -> anyhow::Result<Client> {
         let cfg = client_tls_config(proto, &opts)?;
-        let tcp = TcpStream::connect(addr).await.context("tcp connect")?;
+        let mut tcp = TcpStream::connect(addr).await.context("tcp connect")?;
         tcp.set_nodelay(true)?;
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, preamble).await?;
         let name = ServerName::try_from(opts.sni.clone()).context("sni")?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)

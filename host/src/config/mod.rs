@@ -343,6 +343,22 @@ pub struct Listener {
     /// `SO_ORIGINAL_DST`. Such requests go to the cluster `original_dst` names.
     #[serde(default)]
     pub original_destination: bool,
+    /// Read a PROXY protocol header (v1 or v2) at the start of each connection
+    /// and take its addresses as the client's and the local ones; absent = none
+    /// is expected (a header would be taken for the connection's own bytes).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `listeners[].proxy_protocol`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocol {
+    /// Close connections without a header. Default true: a listener behind a
+    /// balancer that sends one should not take connections that bypass it as
+    /// coming from the balancer's own address.
+    #[serde(default = "defaults::yes")]
+    pub required: bool,
 }
 
 /// Settings of an HTTP listener.

@@ -1,0 +1,426 @@
+//! The PROXY protocol (HAProxy's, versions 1 and 2) on a listener: a load
+//! balancer in front of Legate (AWS NLB, HAProxy, another Legate) sends the
+//! client's and the destination's addresses in a header before the connection's
+//! own bytes (TLS, HTTP), and Legate takes them as the connection's peer and local
+//! addresses, as Envoy's `proxy_protocol` listener filter and nginx's `listen ...
+//! proxy_protocol` do.
+//!
+//! The header is read with `MSG_PEEK` first, so that on a listener that also
+//! takes connections without one nothing of the connection's own bytes is
+//! consumed; then exactly the header's bytes are read. Version 2's TLVs are
+//! skipped; `LOCAL` (a load balancer's health check), `UNKNOWN` and `UNSPEC` or
+//! UNIX addresses keep the connection's own addresses.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
+
+/// Version 2's signature.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// Version 1's start.
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+/// The longest version 1 header, CRLF included (the specification's bound).
+const V1_MAX: usize = 107;
+/// The longest version 2 address block (with TLVs) accepted. The specification
+/// allows 65535; load balancers send tens of bytes of TLVs.
+const V2_MAX_BLOCK: usize = 4096;
+
+/// What the header said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Header {
+    /// The client's address and the one it connected to.
+    Proxied {
+        /// The client.
+        source: SocketAddr,
+        /// Where it connected.
+        destination: SocketAddr,
+    },
+    /// A header without addresses (`LOCAL`, `UNKNOWN`, UNIX or unspecified):
+    /// the connection's own addresses stand.
+    Local,
+    /// No header, on a listener where it is optional.
+    Absent,
+}
+
+/// Reads the connection's PROXY header; an error says what was wrong with it
+/// (or that it is missing where `required`). The caller bounds the time.
+pub async fn read(stream: &mut TcpStream, required: bool) -> Result<Header, String> {
+    let mut buf = [0u8; V1_MAX];
+    let mut seen = 0;
+    loop {
+        let n = stream
+            .peek(&mut buf)
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if n == 0 {
+            return Err("the connection closed before its PROXY header".into());
+        }
+        let head = buf.get(..n).unwrap_or_default();
+        match classify(head) {
+            Kind::Undecided => {}
+            Kind::Other if required => {
+                return Err("the connection did not start with a PROXY protocol header".into())
+            }
+            Kind::Other => return Ok(Header::Absent),
+            Kind::V2 if n >= 16 => {
+                let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+                if len > V2_MAX_BLOCK {
+                    return Err(format!(
+                        "PROXY v2 address block of {len} bytes (at most {V2_MAX_BLOCK} accepted)"
+                    ));
+                }
+                let mut header = vec![0u8; 16 + len];
+                stream
+                    .read_exact(&mut header)
+                    .await
+                    .map_err(|e| format!("reading the PROXY v2 header: {e}"))?;
+                return parse_v2(&header);
+            }
+            Kind::V2 => {}
+            Kind::V1 => {
+                if let Some(end) = head.windows(2).position(|w| w == b"\r\n") {
+                    let mut header = vec![0u8; end + 2];
+                    stream
+                        .read_exact(&mut header)
+                        .await
+                        .map_err(|e| format!("reading the PROXY v1 header: {e}"))?;
+                    return parse_v1(header.get(..end).unwrap_or_default());
+                }
+                if n >= V1_MAX {
+                    return Err(format!("PROXY v1 header without CRLF in {V1_MAX} bytes"));
+                }
+            }
+        }
+        // Part of a header: wait for the rest. Peeking again would return at
+        // once with the same bytes, so poll gently (rare: a header is one
+        // segment). The caller's timeout bounds it.
+        if n == seen {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        seen = n;
+    }
+}
+
+enum Kind {
+    V1,
+    V2,
+    Other,
+    Undecided,
+}
+
+/// What a connection starting with `head` carries.
+fn classify(head: &[u8]) -> Kind {
+    let starts = |sig: &[u8]| {
+        let k = head.len().min(sig.len());
+        head.get(..k) == sig.get(..k)
+    };
+    if starts(V2_SIGNATURE) {
+        if head.len() >= V2_SIGNATURE.len() {
+            Kind::V2
+        } else {
+            Kind::Undecided
+        }
+    } else if starts(V1_PREFIX) {
+        if head.len() >= V1_PREFIX.len() {
+            Kind::V1
+        } else {
+            Kind::Undecided
+        }
+    } else {
+        Kind::Other
+    }
+}
+
+/// `PROXY TCP4 203.0.113.7 198.51.100.1 51000 443` (without the CRLF).
+fn parse_v1(line: &[u8]) -> Result<Header, String> {
+    let line = std::str::from_utf8(line).map_err(|_| "PROXY v1 header is not ASCII".to_string())?;
+    let shown = || format!("`{}`", line.escape_debug());
+    let fields: Vec<&str> = line.split(' ').collect();
+    match fields.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => Ok(Header::Local),
+        ["PROXY", family @ ("TCP4" | "TCP6"), src, dst, sport, dport] => {
+            let ip = |s: &str| -> Result<IpAddr, String> {
+                let ip = match *family {
+                    "TCP4" => s.parse::<Ipv4Addr>().map(IpAddr::V4).ok(),
+                    _ => s.parse::<Ipv6Addr>().map(IpAddr::V6).ok(),
+                };
+                ip.ok_or_else(|| {
+                    format!(
+                        "PROXY v1 header {}: `{s}` is not a {family} address",
+                        shown()
+                    )
+                })
+            };
+            let port = |s: &str| -> Result<u16, String> {
+                // Decimal digits, no sign and no leading zero (the specification's form).
+                let ok = !s.is_empty()
+                    && s.bytes().all(|b| b.is_ascii_digit())
+                    && (s == "0" || !s.starts_with('0'));
+                ok.then(|| s.parse().ok())
+                    .flatten()
+                    .ok_or_else(|| format!("PROXY v1 header {}: `{s}` is not a port", shown()))
+            };
+            Ok(Header::Proxied {
+                source: SocketAddr::new(ip(src)?, port(sport)?),
+                destination: SocketAddr::new(ip(dst)?, port(dport)?),
+            })
+        }
+        _ => Err(format!(
+            "PROXY v1 header {} is not `PROXY TCP4|TCP6 SRC DST SPORT DPORT` or `PROXY UNKNOWN`",
+            shown()
+        )),
+    }
+}
+
+/// A whole version 2 header: signature, version and command, family, length,
+/// addresses and TLVs.
+fn parse_v2(header: &[u8]) -> Result<Header, String> {
+    let (Some(&ver_cmd), Some(&family), Some(block)) =
+        (header.get(12), header.get(13), header.get(16..))
+    else {
+        return Err("PROXY v2 header cut short".into());
+    };
+    if ver_cmd >> 4 != 2 {
+        return Err(format!("PROXY v2 header of version {}", ver_cmd >> 4));
+    }
+    match ver_cmd & 0x0f {
+        0 => return Ok(Header::Local),
+        1 => {}
+        c => {
+            return Err(format!(
+                "PROXY v2 header with command {c} (neither LOCAL nor PROXY)"
+            ))
+        }
+    }
+    let u16_at = |i: usize| {
+        block
+            .get(i..i + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .unwrap_or(0)
+    };
+    match family >> 4 {
+        // AF_INET: 4 + 4 + 2 + 2 bytes.
+        1 => {
+            let (Some(s), Some(d)) = (block.get(0..4), block.get(4..8)) else {
+                return Err("PROXY v2 IPv4 addresses cut short".into());
+            };
+            if block.len() < 12 {
+                return Err("PROXY v2 IPv4 addresses cut short".into());
+            }
+            let ip = |b: &[u8]| IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+            Ok(Header::Proxied {
+                source: SocketAddr::new(ip(s), u16_at(8)),
+                destination: SocketAddr::new(ip(d), u16_at(10)),
+            })
+        }
+        // AF_INET6: 16 + 16 + 2 + 2 bytes.
+        2 => {
+            let (Some(s), Some(d)) = (block.get(0..16), block.get(16..32)) else {
+                return Err("PROXY v2 IPv6 addresses cut short".into());
+            };
+            if block.len() < 36 {
+                return Err("PROXY v2 IPv6 addresses cut short".into());
+            }
+            let ip = |b: &[u8]| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(b);
+                IpAddr::V6(Ipv6Addr::from(a))
+            };
+            Ok(Header::Proxied {
+                source: SocketAddr::new(ip(s), u16_at(32)),
+                destination: SocketAddr::new(ip(d), u16_at(34)),
+            })
+        }
+        // AF_UNSPEC, AF_UNIX: nothing Legate can use as an address.
+        0 | 3 => Ok(Header::Local),
+        f => Err(format!("PROXY v2 header with address family {f}")),
+    }
+}
+
+/// A version 2 header for `source` → `destination` (tests, and a future
+/// upstream side).
+#[cfg(test)]
+fn v2(source: SocketAddr, destination: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
+    let mut h = V2_SIGNATURE.to_vec();
+    h.push(0x21);
+    let mut block = Vec::new();
+    match (source.ip(), destination.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            h.push(0x11);
+            block.extend_from_slice(&s.octets());
+            block.extend_from_slice(&d.octets());
+        }
+        (s, d) => {
+            h.push(0x21);
+            let six = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                IpAddr::V6(v6) => v6.octets(),
+            };
+            block.extend_from_slice(&six(s));
+            block.extend_from_slice(&six(d));
+        }
+    }
+    block.extend_from_slice(&source.port().to_be_bytes());
+    block.extend_from_slice(&destination.port().to_be_bytes());
+    block.extend_from_slice(tlvs);
+    h.extend_from_slice(&(block.len() as u16).to_be_bytes());
+    h.extend_from_slice(&block);
+    h
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn version_1_headers() {
+        assert_eq!(
+            parse_v1(b"PROXY TCP4 203.0.113.7 198.51.100.1 51000 443"),
+            Ok(Header::Proxied {
+                source: addr("203.0.113.7:51000"),
+                destination: addr("198.51.100.1:443"),
+            })
+        );
+        assert_eq!(
+            parse_v1(b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 443"),
+            Ok(Header::Proxied {
+                source: addr("[2001:db8::7]:51000"),
+                destination: addr("[2001:db8::1]:443"),
+            })
+        );
+        assert_eq!(parse_v1(b"PROXY UNKNOWN"), Ok(Header::Local));
+        assert_eq!(
+            parse_v1(b"PROXY UNKNOWN ffff::1 ffff::2 1 2"),
+            Ok(Header::Local)
+        );
+        for bad in [
+            &b"PROXY TCP4 2001:db8::7 198.51.100.1 51000 443"[..],
+            b"PROXY TCP4 203.0.113.7 198.51.100.1 51000 65536",
+            b"PROXY TCP4 203.0.113.7 198.51.100.1 051000 443",
+            b"PROXY TCP4 203.0.113.7 198.51.100.1 51000",
+            b"PROXY TCP4  203.0.113.7 198.51.100.1 51000 443",
+            b"PROXY UDP4 203.0.113.7 198.51.100.1 51000 443",
+            b"PROXY TCP4 203.0.113.7 198.51.100.1 +1 443",
+        ] {
+            assert!(parse_v1(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn version_2_headers() {
+        let h = v2(addr("203.0.113.7:51000"), addr("198.51.100.1:443"), &[]);
+        assert_eq!(
+            parse_v2(&h),
+            Ok(Header::Proxied {
+                source: addr("203.0.113.7:51000"),
+                destination: addr("198.51.100.1:443"),
+            })
+        );
+        // TLVs (here an AWS VPC endpoint id) are skipped.
+        let tlv = [0xea, 0x00, 0x05, 0x01, b'v', b'p', b'c', b'e'];
+        let h = v2(addr("[2001:db8::7]:1"), addr("[2001:db8::1]:2"), &tlv);
+        assert_eq!(
+            parse_v2(&h),
+            Ok(Header::Proxied {
+                source: addr("[2001:db8::7]:1"),
+                destination: addr("[2001:db8::1]:2"),
+            })
+        );
+        // LOCAL: a health check of the balancer's own.
+        let mut local = h.clone();
+        local[12] = 0x20;
+        assert_eq!(parse_v2(&local), Ok(Header::Local));
+        // UNSPEC family.
+        let mut unspec = V2_SIGNATURE.to_vec();
+        unspec.extend_from_slice(&[0x21, 0x00, 0, 0]);
+        assert_eq!(parse_v2(&unspec), Ok(Header::Local));
+        // Version 1 in the v2 byte, an unknown command, a short block.
+        let mut bad = h.clone();
+        bad[12] = 0x11;
+        assert!(parse_v2(&bad).is_err());
+        bad[12] = 0x22;
+        assert!(parse_v2(&bad).is_err());
+        let mut short = V2_SIGNATURE.to_vec();
+        short.extend_from_slice(&[0x21, 0x11, 0, 4, 1, 2, 3, 4]);
+        assert!(parse_v2(&short).is_err());
+    }
+
+    #[test]
+    fn what_a_connection_starts_with() {
+        assert!(matches!(classify(b"\r\n\r\n\0"), Kind::Undecided));
+        assert!(matches!(classify(V2_SIGNATURE), Kind::V2));
+        assert!(matches!(classify(b"PRO"), Kind::Undecided));
+        assert!(matches!(classify(b"PROXY TCP4"), Kind::V1));
+        // HTTP methods and the HTTP/2 preface are not headers.
+        for other in [
+            &b"PROPFIND / HTTP/1.1"[..],
+            b"PRI * HTTP/2.0",
+            b"GET /",
+            b"\x16\x03\x01",
+            b"\r\nGET",
+        ] {
+            assert!(matches!(classify(other), Kind::Other), "{other:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_header_is_consumed() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(at).await.unwrap();
+            // The header in two segments, then the connection's own bytes.
+            c.write_all(b"PROXY TCP4 203.0.113.7 ").await.unwrap();
+            c.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            c.write_all(b"198.51.100.1 51000 443\r\nGET / HTTP/1.1\r\n")
+                .await
+                .unwrap();
+            c
+        });
+        let (mut s, _) = listener.accept().await.unwrap();
+        let h = read(&mut s, true).await.unwrap();
+        assert_eq!(
+            h,
+            Header::Proxied {
+                source: addr("203.0.113.7:51000"),
+                destination: addr("198.51.100.1:443"),
+            }
+        );
+        let mut rest = [0u8; 16];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
+        drop(client.await.unwrap());
+
+        // Optional and absent: nothing consumed.
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(at).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+            c
+        });
+        let (mut s, _) = listener.accept().await.unwrap();
+        assert_eq!(read(&mut s, false).await.unwrap(), Header::Absent);
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
+        drop(client.await.unwrap());
+
+        // Required and absent: an error.
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(at).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+            c
+        });
+        let (mut s, _) = listener.accept().await.unwrap();
+        let e = read(&mut s, true).await.unwrap_err();
+        assert!(e.contains("did not start with a PROXY"), "{e}");
+        drop(client.await.unwrap());
+    }
+}
