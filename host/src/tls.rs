@@ -234,10 +234,15 @@ fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Ser
 
 /// Loads a certificate chain and its key as [`server_config`] and
 /// [`client_config`] do, and checks that they belong together (`legate check`).
-/// Silent about a certificate outside its validity: building the config
-/// loads it again and warns then, once.
-pub fn check_certified_key(cert: &Path, key: &Path) -> Result<(), FileError> {
-    load_key_pair(cert, key, &provider()).map(|_| ())
+/// Silent about a certificate outside its validity (and an unencrypted key
+/// with a password): building the config loads it again and warns then, once.
+/// `password` is the key's `key_password_file`.
+pub fn check_certified_key(
+    cert: &Path,
+    key: &Path,
+    password: Option<&Path>,
+) -> Result<(), FileError> {
+    load_key_pair(cert, key, password, &provider()).map(|_| ())
 }
 
 /// Loads a CA file as [`server_config`] (`what`: `client CA file`) and
@@ -257,33 +262,59 @@ pub enum FileProblem {
     Content,
     /// The private key is not the key of the certificate it goes with.
     KeyMismatch,
+    /// The private key is encrypted and no `key_password_file` is given.
+    Encrypted,
+    /// The encrypted private key does not decrypt with the password given.
+    WrongPassword,
+    /// The private key is encrypted in a way Legate does not read: OpenSSL's
+    /// legacy PEM encryption (`Proc-Type: 4,ENCRYPTED`), PBES1 or PKCS#12
+    /// algorithms.
+    UnsupportedEncryption,
 }
 
-/// A certificate, key or CA file that cannot be loaded: the message (which
-/// names the file and says what is wrong), what kind of problem it is, and
-/// whether it is the private key's (else the certificate's or CA's). A
-/// mismatch is the key's: the certificate is the one the names come from.
+/// Which file of a certificate, its key and the key's password a
+/// [`FileError`] is in (a CA or CRL file's is [`PairFile::Cert`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairFile {
+    /// The certificate (or CA, CRL) file.
+    Cert,
+    /// The private key file.
+    Key,
+    /// The file holding the private key's password (`key_password_file`).
+    Password,
+}
+
+/// A certificate, key, password or CA file that cannot be loaded: the
+/// message (which names the file and says what is wrong), what kind of
+/// problem it is, and which file it is in. A mismatch is the key's: the
+/// certificate is the one the names come from; a wrong password is the
+/// password file's.
 #[derive(Debug)]
 pub struct FileError {
     /// What kind of problem it is.
     pub problem: FileProblem,
-    /// The problem is in the private key file.
-    pub in_key: bool,
+    /// The file the problem is in.
+    pub file: PairFile,
     message: String,
 }
 
 impl FileError {
-    fn new(problem: FileProblem, in_key: bool, message: String) -> Self {
+    fn new(problem: FileProblem, file: PairFile, message: String) -> Self {
         FileError {
             problem,
-            in_key,
+            file,
             message,
         }
     }
 
     /// The file of a certificate or CA does not hold what it should.
     fn content(message: String) -> Self {
-        Self::new(FileProblem::Content, false, message)
+        Self::new(FileProblem::Content, PairFile::Cert, message)
+    }
+
+    /// The private key file does not hold what it should (`problem`).
+    fn key(problem: FileProblem, message: String) -> Self {
+        Self::new(problem, PairFile::Key, message)
     }
 }
 
@@ -295,12 +326,17 @@ impl std::fmt::Display for FileError {
 
 impl std::error::Error for FileError {}
 
-/// The files a listener's TLS section names (certificates, keys, client CA
-/// and CRLs), in order.
+/// The files a listener's TLS section names (certificates, keys, their
+/// password files, client CA and CRLs), in order.
 pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::PathBuf> {
     cfg.certificates
         .iter()
-        .flat_map(|c| [&c.value.cert, &c.value.key])
+        .flat_map(|c| {
+            [Some(&c.value.cert), Some(&c.value.key)]
+                .into_iter()
+                .chain([c.value.key_password_file.as_ref()])
+                .flatten()
+        })
         .chain(
             cfg.client_auth
                 .iter()
@@ -308,18 +344,54 @@ pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::Path
         )
 }
 
-/// The files a cluster's `tls` names (CA, client certificate and key, CRLs).
+/// The files a cluster's `tls` names (CA, client certificate, key and its
+/// password file, CRLs).
 pub fn upstream_files(cfg: &config::UpstreamTls) -> impl Iterator<Item = &std::path::PathBuf> {
-    [&cfg.ca, &cfg.client_cert, &cfg.client_key, &cfg.crl]
-        .into_iter()
-        .flatten()
+    [
+        &cfg.ca,
+        &cfg.client_cert,
+        &cfg.client_key,
+        &cfg.key_password_file,
+        &cfg.crl,
+    ]
+    .into_iter()
+    .flatten()
 }
 
-/// The files `kv.tls` names (CA, client certificate and key).
+/// The files `kv.tls` names (CA, client certificate, key and its password
+/// file).
 pub fn kv_files(cfg: &config::KvTls) -> impl Iterator<Item = &std::path::PathBuf> {
-    [&cfg.ca, &cfg.client_cert, &cfg.client_key]
-        .into_iter()
-        .flatten()
+    [
+        &cfg.ca,
+        &cfg.client_cert,
+        &cfg.client_key,
+        &cfg.key_password_file,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// The PEM of `kv.tls.client_key` for the Redis client, which reads only
+/// unencrypted keys: the file as it is without `password`, else the key
+/// decrypted with it (PKCS#8 PEM, in memory only).
+pub fn kv_client_key_pem(key: &Path, password: Option<&Path>) -> Result<Vec<u8>, FileError> {
+    let Some(password) = password else {
+        return read_file(key, "private key file", PairFile::Key);
+    };
+    let loaded = load_key(key, Some(password))?;
+    let label = match &loaded.key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    pkcs8::der::pem::encode_string(label, pkcs8::LineEnding::LF, loaded.key.secret_der())
+        .map(String::into_bytes)
+        .map_err(|e| {
+            FileError::key(
+                FileProblem::Content,
+                format!("private key file `{}`: {e}", key.display()),
+            )
+        })
 }
 
 /// As [`files_digest`], for `kv.tls`: the file watch reloads the config when
@@ -422,7 +494,8 @@ pub fn client_parts(
     let mut config = match (&cfg.client_cert, &cfg.client_key) {
         (None, None) => builder.with_no_client_auth(),
         (Some(cert), Some(key)) => {
-            let certified = load_certified_key(cert, key, &provider)?;
+            let password = cfg.key_password_file.as_deref();
+            let certified = load_certified_key(cert, key, password, &provider)?;
             certificates.insert(0, LoadedCerts::new(CertRole::Chain, cert, &certified.cert));
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
         }
@@ -745,7 +818,8 @@ impl SniResolver {
         };
         for (index, spanned) in certificates.iter().enumerate() {
             let c = &spanned.value;
-            let certified = load_certified_key(&c.cert, &c.key, provider)?;
+            let password = c.key_password_file.as_deref();
+            let certified = load_certified_key(&c.cert, &c.key, password, provider)?;
             let mut selectable = index == 0;
             for pattern in served_names(c, &certified, index == 0)? {
                 let (table, key) = match pattern {
@@ -868,32 +942,55 @@ fn served_names(
     Ok(names)
 }
 
-/// Loads a certificate chain and its private key and checks that they belong
-/// together; warns if the certificate is outside its validity.
+/// Loads a certificate chain and its private key (decrypted with the first
+/// line of `password_path`, its `key_password_file`, if it is encrypted) and
+/// checks that they belong together; warns if the certificate is outside its
+/// validity, or if a password is given for a key that is not encrypted.
 fn load_certified_key(
     cert_path: &Path,
     key_path: &Path,
+    password_path: Option<&Path>,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, FileError> {
-    let certified = load_key_pair(cert_path, key_path, provider)?;
+    let (certified, encrypted) = load_key_pair_with(cert_path, key_path, password_path, provider)?;
     if let Some(leaf) = certified.cert.first() {
         warn_if_outside_validity(leaf, cert_path);
+    }
+    if let (Some(password), false) = (password_path, encrypted) {
+        // As nginx and Envoy, which do not ask for the password of a key that
+        // is not encrypted: a renewal that drops the encryption keeps working.
+        tracing::warn!(
+            key = %key_path.display(),
+            password = %password.display(),
+            "key_password_file is set but the private key is not encrypted; the password is not used"
+        );
     }
     Ok(certified)
 }
 
-/// [`load_certified_key`] without the validity warning.
+/// [`load_certified_key`] without the warnings.
 fn load_key_pair(
     cert_path: &Path,
     key_path: &Path,
+    password_path: Option<&Path>,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, FileError> {
+    load_key_pair_with(cert_path, key_path, password_path, provider).map(|(c, _)| c)
+}
+
+/// [`load_key_pair`], and whether the key was encrypted.
+fn load_key_pair_with(
+    cert_path: &Path,
+    key_path: &Path,
+    password_path: Option<&Path>,
+    provider: &CryptoProvider,
+) -> Result<(CertifiedKey, bool), FileError> {
     let chain = load_certs(cert_path, "certificate file")?;
-    let key = load_key(key_path)?;
+    let LoadedKey { key, encrypted } = load_key(key_path, password_path)?;
     let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
         FileError::new(
             FileProblem::Content,
-            true,
+            PairFile::Key,
             format!(
                 "private key file `{}`: unusable key (supported: RSA, ECDSA P-256/P-384, \
                  Ed25519): {e}",
@@ -916,7 +1013,7 @@ fn load_key_pair(
         Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
             return Err(FileError::new(
                 FileProblem::KeyMismatch,
-                true,
+                PairFile::Key,
                 format!(
                     "private key file `{}` does not match the certificate in `{}` (the first \
                      certificate in the file must be the one the key belongs to)",
@@ -932,7 +1029,7 @@ fn load_key_pair(
             )))
         }
     }
-    Ok(certified)
+    Ok((certified, encrypted))
 }
 
 /// Whether `cert` is an X.509 v1 certificate: one without extensions (no
@@ -1010,12 +1107,12 @@ pub fn validity_problem(path: &Path) -> Option<String> {
     })
 }
 
-/// The bytes of `path`, a `what` (`private key file`: `in_key`).
-fn read_file(path: &Path, what: &str, in_key: bool) -> Result<Vec<u8>, FileError> {
+/// The bytes of `path`, a `what` (`file`: which file it is).
+fn read_file(path: &Path, what: &str, file: PairFile) -> Result<Vec<u8>, FileError> {
     std::fs::read(path).map_err(|e| {
         FileError::new(
             FileProblem::Unreadable,
-            in_key,
+            file,
             format!("cannot read {what} `{}`: {e}", path.display()),
         )
     })
@@ -1024,7 +1121,7 @@ fn read_file(path: &Path, what: &str, in_key: bool) -> Result<Vec<u8>, FileError
 /// All certificates in a PEM file, in order; other PEM sections (such as a key) are
 /// skipped. Fails if there is none.
 fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, FileError> {
-    let pem = read_file(path, what, false)?;
+    let pem = read_file(path, what, PairFile::Cert)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
@@ -1039,21 +1136,158 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, F
     Ok(certs)
 }
 
-/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, FileError> {
-    let pem = read_file(path, "private key file", true)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+/// A private key as read from its file.
+struct LoadedKey {
+    key: PrivateKeyDer<'static>,
+    /// It was encrypted (and decrypted with its password).
+    encrypted: bool,
+}
+
+/// The label of an encrypted PKCS#8 PEM block (RFC 5958, what `openssl
+/// pkcs8 -topk8 -v2 aes-256-cbc` and `openssl genpkey -aes256` write).
+const ENCRYPTED_PKCS8_LABEL: &str = "ENCRYPTED PRIVATE KEY";
+
+/// How to turn a key Legate cannot decrypt into one it can, for messages.
+const CONVERT_KEY: &str = "convert it to encrypted PKCS#8 with `openssl pkcs8 -topk8 -v2 \
+                           aes-256-cbc -in KEY -out NEW.key`";
+
+/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1), or its
+/// encrypted PKCS#8 key decrypted with the first line of `password_path`.
+/// The password file is read whenever it is given: one that cannot be read
+/// is an error even for a key that is not encrypted (the next renewal's may
+/// be).
+fn load_key(path: &Path, password_path: Option<&Path>) -> Result<LoadedKey, FileError> {
+    let pem = read_file(path, "private key file", PairFile::Key)?;
+    let password = password_path.map(read_password).transpose()?;
+    let shown = path.display();
+    let text = String::from_utf8_lossy(&pem);
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(FileError::key(
+            FileProblem::UnsupportedEncryption,
+            format!(
+                "private key file `{shown}` is encrypted in OpenSSL's legacy PEM format \
+                 (`Proc-Type: 4,ENCRYPTED`), which Legate does not read; {CONVERT_KEY}"
+            ),
+        ));
+    }
+    if let Some(block) = pem_block(&text, ENCRYPTED_PKCS8_LABEL) {
+        let Some((password, password_path)) = password.zip(password_path) else {
+            return Err(FileError::key(
+                FileProblem::Encrypted,
+                format!(
+                    "private key file `{shown}`: the key is encrypted: set key_password_file \
+                     to a file holding its password"
+                ),
+            ));
+        };
+        let key = decrypt_pkcs8(block, &password).map_err(|e| match e {
+            Decrypt::Malformed(e) => FileError::key(
+                FileProblem::Content,
+                format!("private key file `{shown}`: {e}"),
+            ),
+            Decrypt::Unsupported(e) => FileError::key(
+                FileProblem::UnsupportedEncryption,
+                format!(
+                    "private key file `{shown}` is encrypted with an algorithm Legate does not \
+                     support ({e}; supported: PBES2 with PBKDF2 or scrypt, and AES-CBC); \
+                     {CONVERT_KEY}"
+                ),
+            ),
+            Decrypt::Failed => FileError::new(
+                FileProblem::WrongPassword,
+                PairFile::Password,
+                format!(
+                    "could not decrypt private key file `{shown}` with the password in `{}` \
+                     (wrong password?)",
+                    password_path.display()
+                ),
+            ),
+        })?;
+        return Ok(LoadedKey {
+            key,
+            encrypted: true,
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         let message = match e {
             pem::Error::NoItemsFound => format!(
-                "private key file `{}` contains no private key (expected a PEM `BEGIN PRIVATE \
-                 KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block; encrypted keys \
-                 are not supported)",
-                path.display()
+                "private key file `{shown}` contains no private key (expected a PEM `BEGIN \
+                 PRIVATE KEY`, `BEGIN RSA PRIVATE KEY`, `BEGIN EC PRIVATE KEY` or, with \
+                 key_password_file, `BEGIN ENCRYPTED PRIVATE KEY` block)"
             ),
-            e => format!("private key file `{}`: malformed PEM: {e}", path.display()),
+            e => format!("private key file `{shown}`: malformed PEM: {e}"),
         };
-        FileError::new(FileProblem::Content, true, message)
+        FileError::key(FileProblem::Content, message)
+    })?;
+    Ok(LoadedKey {
+        key,
+        encrypted: false,
     })
+}
+
+/// The password in a `key_password_file`: its first line, without the line
+/// end (as nginx's `ssl_password_file`; Envoy's `password` file is read
+/// whole, so a one-line file means the same to both).
+fn read_password(path: &Path) -> Result<pkcs8::der::zeroize::Zeroizing<Vec<u8>>, FileError> {
+    let bytes = pkcs8::der::zeroize::Zeroizing::new(read_file(
+        path,
+        "key password file",
+        PairFile::Password,
+    )?);
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    Ok(pkcs8::der::zeroize::Zeroizing::new(line.to_vec()))
+}
+
+/// The first `-----BEGIN label-----` ... `-----END label-----` block of a
+/// PEM file, both lines included.
+fn pem_block<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = text.find(&begin)?;
+    let stop = start + text[start..].find(&end)? + end.len();
+    Some(&text[start..stop])
+}
+
+/// Why an encrypted PKCS#8 key does not decrypt.
+enum Decrypt {
+    /// The PEM or its DER is not an EncryptedPrivateKeyInfo.
+    Malformed(String),
+    /// An encryption scheme pkcs5 does not decrypt.
+    Unsupported(String),
+    /// Decryption failed, or did not give a PKCS#8 key: the password is wrong
+    /// (a wrong key fails CBC's padding check, or rarely passes it with bytes
+    /// that are not DER).
+    Failed,
+}
+
+/// Decrypts an encrypted PKCS#8 PEM block with `password`.
+fn decrypt_pkcs8(block: &str, password: &[u8]) -> Result<PrivateKeyDer<'static>, Decrypt> {
+    use pkcs8::der::Decode;
+    use pkcs8::pkcs5::Error as Pkcs5;
+    let (_, doc) = pkcs8::Document::from_pem(block)
+        .map_err(|e| Decrypt::Malformed(format!("malformed encrypted key PEM: {e}")))?;
+    let info = pkcs8::EncryptedPrivateKeyInfo::from_der(doc.as_bytes()).map_err(|e| {
+        // An algorithm identifier pkcs5 has no type for (PKCS#12's) does not
+        // parse: it is still an encrypted key, of a scheme not supported.
+        Decrypt::Unsupported(format!("cannot read its encryption parameters: {e}"))
+    })?;
+    let plain = match info.decrypt(password) {
+        Ok(plain) => plain,
+        // pkcs5 0.7 reports CBC's padding check failing as `EncryptFailed`.
+        Err(pkcs8::Error::EncryptedPrivateKey(Pkcs5::DecryptFailed | Pkcs5::EncryptFailed)) => {
+            return Err(Decrypt::Failed)
+        }
+        Err(pkcs8::Error::EncryptedPrivateKey(e)) => {
+            return Err(Decrypt::Unsupported(e.to_string()))
+        }
+        // The decrypted bytes are not DER.
+        Err(_) => return Err(Decrypt::Failed),
+    };
+    if pkcs8::PrivateKeyInfo::from_der(plain.as_bytes()).is_err() {
+        return Err(Decrypt::Failed);
+    }
+    Ok(PrivateKeyDer::Pkcs8(plain.as_bytes().to_vec().into()))
 }
 
 /// A trust store holding every certificate of a PEM file; any unusable one is an error
@@ -1287,7 +1521,7 @@ impl std::error::Error for SanMismatch {}
 /// Every revocation list of a PEM file, each parsed as the verifier will
 /// parse it, so a broken list fails the load rather than every handshake.
 fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, FileError> {
-    let pem = read_file(path, "CRL file", false)?;
+    let pem = read_file(path, "CRL file", PairFile::Cert)?;
     let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
@@ -1571,6 +1805,7 @@ mod tests {
                     unspanned(CertificateConfig {
                         cert: leaf.cert.clone(),
                         key: leaf.key.clone(),
+                        key_password_file: None,
                         server_names: names.iter().map(|n| n.to_string()).collect(),
                     })
                 })
@@ -1588,6 +1823,7 @@ mod tests {
             ca: ca.map(Path::to_path_buf),
             client_cert: client.map(|c| c.cert.clone()),
             client_key: client.map(|c| c.key.clone()),
+            key_password_file: None,
             crl: None,
             only_verify_leaf_cert_crl: false,
             match_subject_alt_names: Vec::new(),
@@ -2375,29 +2611,36 @@ mod tests {
         let missing = pki.dir.0.join("missing.pem");
         let kind = |r: Result<(), FileError>| {
             let e = r.unwrap_err();
-            (e.problem, e.in_key)
+            (e.problem, e.file)
         };
         use FileProblem::{Content, KeyMismatch, Unreadable};
+        use PairFile::{Cert, Key};
         assert_eq!(
-            kind(check_certified_key(&missing, &a.key)),
-            (Unreadable, false)
+            kind(check_certified_key(&missing, &a.key, None)),
+            (Unreadable, Cert)
         );
         assert_eq!(
-            kind(check_certified_key(&a.cert, &missing)),
-            (Unreadable, true)
+            kind(check_certified_key(&a.cert, &missing, None)),
+            (Unreadable, Key)
         );
-        assert_eq!(kind(check_certified_key(&a.key, &a.key)), (Content, false));
-        assert_eq!(kind(check_certified_key(&a.cert, &a.cert)), (Content, true));
         assert_eq!(
-            kind(check_certified_key(&a.cert, &b.key)),
-            (KeyMismatch, true)
+            kind(check_certified_key(&a.key, &a.key, None)),
+            (Content, Cert)
         );
-        assert_eq!(kind(check_roots(&missing, "CA file")), (Unreadable, false));
-        assert_eq!(kind(check_roots(&a.key, "CA file")), (Content, false));
-        assert!(check_certified_key(&a.cert, &a.key).is_ok());
+        assert_eq!(
+            kind(check_certified_key(&a.cert, &a.cert, None)),
+            (Content, Key)
+        );
+        assert_eq!(
+            kind(check_certified_key(&a.cert, &b.key, None)),
+            (KeyMismatch, Key)
+        );
+        assert_eq!(kind(check_roots(&missing, "CA file")), (Unreadable, Cert));
+        assert_eq!(kind(check_roots(&a.key, "CA file")), (Content, Cert));
+        assert!(check_certified_key(&a.cert, &a.key, None).is_ok());
         assert!(check_roots(&pki.ca, "CA file").is_ok());
         // The messages are the loader's, naming the file.
-        let e = check_certified_key(&a.cert, &missing)
+        let e = check_certified_key(&a.cert, &missing, None)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("cannot read private key file `"), "{e}");
@@ -2408,6 +2651,177 @@ mod tests {
     const V1_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBJjCBzQIUBKSvtN9hukCymgf2lF6ItdWM/M4wCgYIKoZIzj0EAwIwFTETMBEG\nA1UEAwwKdjEgdGVzdCBDQTAgFw0yNjEyMDcwMTM4MDNaGA8yMTI2MTExMzAxMzgw\nM1owFTETMBEGA1UEAwwKdjEuZXhhbXBsZTBZMBMGByqGSM49AgEGCCqGSM49AwEH\nA0IABHYkjmYEAdSPunddcv9zWhXBjuU8N4VnivKmsHmNgbNArzhoA5VeJZCiT2ua\n5p98iqnmFbHeXcWivDj4nBOVG+4wCgYIKoZIzj0EAwIDSAAwRQIgK5T1u4+Bs6v1\ntwZ5Qt2vdbv/WphE452q3Bkbfx5/NGgCIQDFM2SfGbmVqXhmrLOV6mWPIvdQIxcM\nVx1ihpphcxO8Mg==\n-----END CERTIFICATE-----\n";
     const V1_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgXorqBMa3tNKvrg/m\nYZYmguiNvsWcoBjWnwQVfOgCmJihRANCAAR2JI5mBAHUj7p3XXL/c1oVwY7lPDeF\nZ4ryprB5jYGzQK84aAOVXiWQok9rmuaffIqp5hWx3l3Forw4+JwTlRvu\n-----END PRIVATE KEY-----\n";
     const OTHER_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgcQynHf3XhsDqyAMU\nbrOTpZ+qc/P6ZC5YDYUJixQMgLChRANCAAShqpM1cDHWeTXHTmen+f1LobP+ebLd\nDAD3fDd7BkIjCVitn0pgm6qoGNj8zk3bRKKUxmsAnc3gjsHa7QTMZIXj\n-----END PRIVATE KEY-----\n";
+
+    /// One P-256 key (`openssl genpkey`), then as OpenSSL 3 encrypts it with
+    /// the password `legate-test`: `openssl pkcs8 -topk8 -v2 aes-256-cbc`
+    /// (PBKDF2-HMAC-SHA256), `-v2 aes-128-cbc -v2prf hmacWithSHA1` (OpenSSL
+    /// 1.0's PRF), `-scrypt`, `-v1 PBE-SHA1-3DES` (PKCS#12, not supported), and
+    /// `openssl ec -aes256` (legacy PEM encryption, not supported).
+    const PLAIN_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg56WrTas2k+06KEax\nKDDZW0/ceyw+xsQFa0ENkMU0GwWhRANCAAQBqwtfOdQKmP32rE8fluerOSs0hee8\nYLKAl6su6awMAaTHRkzEm6m+7Z6xONbrz73i0c3Py405jQXi8Oz5uzYS\n-----END PRIVATE KEY-----\n";
+    const PBKDF2_SHA256_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAiSHthO62eoaQICCAAw\nDAYIKoZIhvcNAgkFADAdBglghkgBZQMEASoEEH7f7eE4bQFrwe3xXCcqqLgEgZDj\nV4yr5/4XcuSmLEwJ1uIEYgabx3tFa6AcprgW7mrLlB6e5r48cmXxK/4i+LNS1u3m\nHYMoU4p0ohGIB016MuhLYI/9BDb5vlgkeR2g2fpsZhhRsIQt5YnImsplYzks+lEf\nmbLw4hH6UE5MCTccwCWt5FtCRBQpfvTe0pxZ5u2WK6aP7UvlZZwsGT3wvxo/rhU=\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    const PBKDF2_SHA1_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHeMEkGCSqGSIb3DQEFDTA8MBsGCSqGSIb3DQEFDDAOBAjGrV8b7vDi+QICCAAw\nHQYJYIZIAWUDBAECBBDMJRZNnEnAjZp5dfHPdlDdBIGQIhZnV9Siu3HAF87KtFzr\ntEGlBnpDXId2PblWTexUtstYkN5kgRjaqp5diUqgoqWGftK2gRitSpthJuBrXGpD\nDGLRngVCzYrGZwb5BhsqLloKh37eSmnOdGtFQQ1qymvasTvtSE8hVYg10jhKioU4\nsDNYR3SeluRDIzySeKXR6HmjoLyF5MhWYuwdrKAyvvEc\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    const SCRYPT_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHkME8GCSqGSIb3DQEFDTBCMCEGCSsGAQQB2kcECzAUBAjZajCfWaPE2AICQAAC\nAQgCAQEwHQYJYIZIAWUDBAEqBBAm194p++KAofrnnK9Xv5upBIGQf+wz0cpPYn6E\nKVuWU+CqDuSYsWHrmpDGrbDMngYCU5OTjR+lhnmN7wncSOaFJRH0k2W99GOTL20V\nvOryeQu0nOEbj2lwIGTt5GPVbAYVkPnEHNfLoLVxtIiTW/ozP61EyBc7htxwj/xM\njruG0tipUHiQkIi4DcHVFoATQR31vSah3tqzYQdaNe1B63LLM8hK\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    const PKCS12_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIGxMBwGCiqGSIb3DQEMAQMwDgQIr46xwmO74cQCAggABIGQLv6Y7I/4J2oOKI/3\nXh5f3b3TUrtXgWFUOifzXRtVxzCXEQzSJD6rvjMUP+boaGR2qu2ybg8CVkN0syWN\nazUKbdES9hG9jwzpbgCVJzDof1itWWHVoNpA8YDbuAACXydFI0sKTY6+zqmxg5P0\n5zt+kRY313Lwa/0Ky9junfaDsmR7ernJA/ihmMQGxCUZrZMg\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    const LEGACY_KEY: &str = "-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,0EC7582CE8F9E8A3F1FB6FF78F5744EA\n\nECkIxP59snKznS7XDGJkRo0f1gSiCMNXilY0Q+gA7E1E1WcHfm8EqT49qG1hQ1E6\nJwj3T0TWFjyMaQcmX0NJmQykbGCevtm6eG3XX0nvEViX2YgYOVnEfmiSBJYoUfls\n1TvwwSzc0uJ1k78Jkn5cDWDOfEmSofM9KbfzAcsoq6U=\n-----END EC PRIVATE KEY-----\n";
+
+    /// Writes `leaf`'s key encrypted (PBES2: PBKDF2-HMAC-SHA256, AES-256-CBC)
+    /// with `password`, and a password file holding it on its first line.
+    fn encrypted_key(pki: &Pki, leaf: &Leaf, password: &str) -> (PathBuf, PathBuf) {
+        use pkcs8::der::Decode;
+        let pem = std::fs::read_to_string(&leaf.key).unwrap();
+        let (_, doc) = pkcs8::SecretDocument::from_pem(&pem).unwrap();
+        let info = pkcs8::PrivateKeyInfo::from_der(doc.as_bytes()).unwrap();
+        let params =
+            pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(2048, b"saltsalt", &[7; 16])
+                .unwrap();
+        let encrypted = info.encrypt_with_params(params, password).unwrap();
+        let stem = leaf.key.file_stem().unwrap().to_string_lossy().into_owned();
+        let key = pki.write(
+            &format!("{stem}.enc.key"),
+            &encrypted
+                .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
+                .unwrap(),
+        );
+        let password = pki.write(&format!("{stem}.pass"), &format!("{password}\n"));
+        (key, password)
+    }
+
+    /// What OpenSSL writes decrypts to the key it encrypted: PBKDF2 with
+    /// HMAC-SHA256 or HMAC-SHA1, scrypt; the password is the first line of
+    /// the file, without its line end (CRLF too).
+    #[test]
+    fn encrypted_pkcs8_keys_openssl_writes_decrypt() {
+        let pki = Pki::new();
+        let plain = pki.write("plain.key", PLAIN_KEY);
+        let expected = load_key(&plain, None).unwrap();
+        assert!(!expected.encrypted);
+        let lf = pki.write("lf.pass", "legate-test\nsecond line\n");
+        let crlf = pki.write("crlf.pass", "legate-test\r\n");
+        let bare = pki.write("bare.pass", "legate-test");
+        for (name, pem) in [
+            ("sha256", PBKDF2_SHA256_KEY),
+            ("sha1", PBKDF2_SHA1_KEY),
+            ("scrypt", SCRYPT_KEY),
+        ] {
+            let key = pki.write(&format!("{name}.key"), pem);
+            for password in [&lf, &crlf, &bare] {
+                let loaded =
+                    load_key(&key, Some(password)).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert!(loaded.encrypted);
+                assert_eq!(loaded.key.secret_der(), expected.key.secret_der(), "{name}");
+            }
+        }
+        // The Redis client gets it decrypted, as PKCS#8 PEM.
+        let sha256 = pki.dir.0.join("sha256.key");
+        let pem = kv_client_key_pem(&sha256, Some(&lf)).unwrap();
+        assert_eq!(String::from_utf8(pem).unwrap(), PLAIN_KEY);
+        assert_eq!(
+            kv_client_key_pem(&plain, None).unwrap(),
+            PLAIN_KEY.as_bytes()
+        );
+    }
+
+    /// Each problem of an encrypted key is named, in the file it is in: no
+    /// password, a wrong one, a password file that cannot be read, an
+    /// encryption Legate does not read (with how to convert it).
+    #[test]
+    fn encrypted_key_errors_say_what_to_do() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let (key, password) = encrypted_key(&pki, &a, "s3cret");
+        check_certified_key(&a.cert, &key, Some(&password)).unwrap();
+        let err = |key: &Path, password: Option<&Path>| {
+            let e = check_certified_key(&a.cert, key, password).unwrap_err();
+            (e.problem, e.file, e.to_string())
+        };
+
+        let (problem, file, msg) = err(&key, None);
+        assert_eq!((problem, file), (FileProblem::Encrypted, PairFile::Key));
+        assert!(
+            msg.contains("the key is encrypted: set key_password_file"),
+            "{msg}"
+        );
+        assert!(msg.contains(&key.display().to_string()), "{msg}");
+
+        let wrong = pki.write("wrong.pass", "not-it\n");
+        let (problem, file, msg) = err(&key, Some(&wrong));
+        assert_eq!(
+            (problem, file),
+            (FileProblem::WrongPassword, PairFile::Password)
+        );
+        assert!(
+            msg.starts_with("could not decrypt private key file `")
+                && msg.contains("wrong.pass")
+                && msg.ends_with("(wrong password?)"),
+            "{msg}"
+        );
+
+        let missing = pki.dir.0.join("missing.pass");
+        let (problem, file, msg) = err(&key, Some(&missing));
+        assert_eq!(
+            (problem, file),
+            (FileProblem::Unreadable, PairFile::Password)
+        );
+        assert!(msg.starts_with("cannot read key password file `"), "{msg}");
+        // Read even for a key that is not encrypted (the next one may be).
+        let (problem, file, _) = err(&a.key, Some(&missing));
+        assert_eq!(
+            (problem, file),
+            (FileProblem::Unreadable, PairFile::Password)
+        );
+
+        let test_password = pki.write("test.pass", "legate-test\n");
+        for (name, pem) in [("pkcs12", PKCS12_KEY), ("legacy", LEGACY_KEY)] {
+            let key = pki.write(&format!("{name}.key"), pem);
+            let e = load_key(&key, Some(&test_password)).err().unwrap();
+            let msg = e.to_string();
+            assert_eq!(
+                (e.problem, e.file),
+                (FileProblem::UnsupportedEncryption, PairFile::Key)
+            );
+            assert!(
+                msg.contains("openssl pkcs8 -topk8 -v2 aes-256-cbc"),
+                "{name}: {msg}"
+            );
+        }
+        let legacy = load_key(&pki.dir.0.join("legacy.key"), None).err().unwrap();
+        assert!(
+            legacy.to_string().contains("Proc-Type: 4,ENCRYPTED"),
+            "{legacy}"
+        );
+    }
+
+    /// A listener serves a certificate whose key is encrypted, and a cluster
+    /// presents one; a password for a key that is not encrypted is used by
+    /// neither and warned about (once per load, as nginx and Envoy accept it).
+    #[tokio::test]
+    async fn encrypted_keys_serve_and_present() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let (key, password) = encrypted_key(&pki, &a, "s3cret");
+        let mut cfg = listener(&[(&a, &[])]);
+        cfg.certificates[0].value.key = key.clone();
+        cfg.certificates[0].value.key_password_file = Some(password.clone());
+        let server = server_config(&cfg, &[]).unwrap();
+        let client = any_cert_client(BOTH, &[], true);
+        let seen = connect(&server, &client, "a.test").await;
+        assert_eq!(seen.client.unwrap().server_cert, a.der);
+
+        let client = pki.client("c", "client");
+        let (client_key, client_password) = encrypted_key(&pki, &client, "other");
+        let mut up = upstream(Some(&pki.ca), Some(&client));
+        up.client_key = Some(client_key);
+        up.key_password_file = Some(client_password);
+        client_config(&up, &[]).unwrap();
+
+        let mut plain = listener(&[(&a, &[])]);
+        plain.certificates[0].value.key_password_file = Some(password.clone());
+        assert_eq!(
+            warnings(|| check_certified_key(&a.cert, &a.key, Some(&password)).unwrap()),
+            0
+        );
+        assert_eq!(warnings(|| drop(server_config(&plain, &[]).unwrap())), 1);
+    }
 
     /// Envoy and nginx serve an X.509 v1 certificate (no extensions), which
     /// webpki does not parse: Legate loads it too, checking that the key is
@@ -2420,9 +2834,12 @@ mod tests {
         let key = pki.write("v1.key", V1_KEY);
         let other = pki.write("other.key", OTHER_KEY);
         assert!(is_x509_v1(&load_certs(&cert, "c").unwrap()[0]));
-        check_certified_key(&cert, &key).unwrap();
-        let e = check_certified_key(&cert, &other).unwrap_err();
-        assert_eq!((e.problem, e.in_key), (FileProblem::KeyMismatch, true));
+        check_certified_key(&cert, &key, None).unwrap();
+        let e = check_certified_key(&cert, &other, None).unwrap_err();
+        assert_eq!(
+            (e.problem, e.file),
+            (FileProblem::KeyMismatch, PairFile::Key)
+        );
         let leaf = Leaf {
             cert: cert.clone(),
             key: key.clone(),
@@ -2449,7 +2866,7 @@ mod tests {
         params.not_after = rcgen::date_time_ymd(2001, 1, 1);
         let old = pki.issue("old", params);
         assert_eq!(
-            warnings(|| check_certified_key(&old.cert, &old.key).unwrap()),
+            warnings(|| check_certified_key(&old.cert, &old.key, None).unwrap()),
             0
         );
         assert_eq!(

@@ -101,6 +101,36 @@ impl TlsFiles {
         )
     }
 
+    /// Writes (or rewrites) the key encrypted with `password` (encrypted
+    /// PKCS#8 PEM, PBES2: PBKDF2-HMAC-SHA256 and AES-256-CBC, as `openssl
+    /// pkcs8 -topk8 -v2 aes-256-cbc` writes it) to `key_name`, and `password`
+    /// on the first line of `password_name`, both in the certificate's
+    /// directory; returns (key, password file).
+    pub fn write_encrypted_key(
+        &self,
+        key_name: &str,
+        password_name: &str,
+        password: &str,
+    ) -> (PathBuf, PathBuf) {
+        use pkcs8::der::Decode;
+        let info = pkcs8::PrivateKeyInfo::from_der(&self.key_der).expect("PKCS#8 key");
+        // A fixed salt and IV: these keys protect nothing.
+        let params = pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(
+            2048,
+            b"legate-test-salt",
+            &[7; 16],
+        )
+        .expect("PBES2 parameters");
+        let pem = info
+            .encrypt_with_params(params, password)
+            .expect("encrypt key")
+            .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
+            .expect("PEM");
+        let key = self._dir.write(key_name, pem.as_bytes());
+        let pass = self._dir.write(password_name, format!("{password}\n"));
+        (key, pass)
+    }
+
     /// The private key, DER.
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
