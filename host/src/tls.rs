@@ -327,14 +327,17 @@ impl std::fmt::Display for FileError {
 impl std::error::Error for FileError {}
 
 /// The files a listener's TLS section names (certificates, keys, their
-/// password files, client CA and CRLs), in order.
+/// password files and OCSP responses, client CA and CRLs), in order.
 pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::PathBuf> {
     cfg.certificates
         .iter()
         .flat_map(|c| {
             [Some(&c.value.cert), Some(&c.value.key)]
                 .into_iter()
-                .chain([c.value.key_password_file.as_ref()])
+                .chain([
+                    c.value.key_password_file.as_ref(),
+                    c.value.ocsp_staple.as_ref(),
+                ])
                 .flatten()
         })
         .chain(
@@ -751,7 +754,12 @@ fn cipher_name(suite: CipherSuite) -> &'static str {
 /// `*.suffix` wildcard, then the first certificate (also used without SNI).
 #[derive(Debug)]
 struct SniResolver {
+    /// Each certificate, with its OCSP response if it has one to staple.
     certs: Vec<Arc<CertifiedKey>>,
+    /// For each certificate of `certs` that staples a response: until when,
+    /// and the certificate without it, served once the response is past its
+    /// `nextUpdate`.
+    staples: Vec<Option<Staple>>,
     /// The URI SANs of each certificate of `certs`.
     uri_sans: Vec<Arc<[String]>>,
     /// Lowercase name → index into `certs`. The first certificate to claim a name wins.
@@ -812,6 +820,7 @@ impl SniResolver {
         }
         let mut resolver = SniResolver {
             certs: Vec::with_capacity(certificates.len()),
+            staples: Vec::with_capacity(certificates.len()),
             uri_sans: Vec::with_capacity(certificates.len()),
             exact: HashMap::new(),
             wildcard: HashMap::new(),
@@ -819,7 +828,27 @@ impl SniResolver {
         for (index, spanned) in certificates.iter().enumerate() {
             let c = &spanned.value;
             let password = c.key_password_file.as_deref();
-            let certified = load_certified_key(&c.cert, &c.key, password, provider)?;
+            let mut certified = load_certified_key(&c.cert, &c.key, password, provider)?;
+            let mut staple = None;
+            if let (Some(path), Some(leaf)) = (&c.ocsp_staple, certified.cert.first()) {
+                let response = load_ocsp(path, &c.cert, leaf)?;
+                // A response past its nextUpdate is not stapled, as Envoy's
+                // lenient stapling (its default) and nginx do: an expired
+                // staple makes a client that checks it fail the handshake.
+                match response.next_update.filter(|&t| now_secs() <= t) {
+                    Some(next_update) => {
+                        let unstapled = Arc::new(certified.clone());
+                        certified.ocsp = Some(response.der);
+                        staple = Some(Staple {
+                            next_update,
+                            unstapled,
+                            path: path.clone(),
+                            warned: std::sync::atomic::AtomicBool::new(false),
+                        });
+                    }
+                    None => warn_stale_ocsp(path, response.next_update),
+                }
+            }
             let mut selectable = index == 0;
             for pattern in served_names(c, &certified, index == 0)? {
                 let (table, key) = match pattern {
@@ -846,6 +875,7 @@ impl SniResolver {
                 .unwrap_or_default();
             resolver.uri_sans.push(Arc::from(uris));
             resolver.certs.push(Arc::new(certified));
+            resolver.staples.push(staple);
         }
         Ok(resolver)
     }
@@ -872,14 +902,321 @@ impl SniResolver {
     }
 }
 
+impl SniResolver {
+    /// The certificate at `index` as served at `now` (seconds since the
+    /// epoch): with its OCSP response until the response's `nextUpdate`,
+    /// without it after (warned about once).
+    fn served(&self, index: usize, now: i64) -> Option<Arc<CertifiedKey>> {
+        let certified = self.certs.get(index)?;
+        match self.staples.get(index) {
+            Some(Some(staple)) if now > staple.next_update => {
+                if !staple
+                    .warned
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    warn_stale_ocsp(&staple.path, Some(staple.next_update));
+                }
+                Some(staple.unstapled.clone())
+            }
+            _ => Some(certified.clone()),
+        }
+    }
+}
+
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let index = client_hello
             .server_name()
             .and_then(|sni| self.lookup(sni))
             .unwrap_or(0);
-        self.certs.get(index).cloned()
+        // The clock is read only for a certificate that staples.
+        let now = match self.staples.get(index) {
+            Some(Some(_)) => now_secs(),
+            _ => 0,
+        };
+        self.served(index, now)
     }
+}
+
+/// A listener certificate's stapled OCSP response, as [`SniResolver`] holds
+/// it.
+#[derive(Debug)]
+struct Staple {
+    /// The response's `nextUpdate`, seconds since the epoch: after it, the
+    /// certificate is served without the response.
+    next_update: i64,
+    /// The certificate without the response.
+    unstapled: Arc<CertifiedKey>,
+    /// The response's file, for the warning.
+    path: std::path::PathBuf,
+    /// The warning that the response expired was logged.
+    warned: std::sync::atomic::AtomicBool,
+}
+
+/// Seconds since the Unix epoch, now.
+fn now_secs() -> i64 {
+    x509_parser::time::ASN1Time::now().timestamp()
+}
+
+/// Warns that the OCSP response of `path` is not stapled: past its
+/// `nextUpdate`, or without one (a response that says nothing of when it
+/// stops being current is treated as expired, as Envoy does).
+fn warn_stale_ocsp(path: &Path, next_update: Option<i64>) {
+    match next_update.and_then(|t| x509_parser::time::ASN1Time::from_timestamp(t).ok()) {
+        Some(t) => tracing::warn!(
+            ocsp_staple = %path.display(),
+            next_update = %t,
+            "OCSP response has expired (past its nextUpdate); the certificate is served without \
+             it until the file is renewed"
+        ),
+        None => tracing::warn!(
+            ocsp_staple = %path.display(),
+            "OCSP response has no nextUpdate, so it is never current; the certificate is served \
+             without it"
+        ),
+    }
+}
+
+/// What a listener needs of an OCSP response file.
+struct OcspResponse {
+    /// The file's bytes, stapled as they are.
+    der: Vec<u8>,
+    /// Its `nextUpdate`, seconds since the epoch, if it has one.
+    next_update: Option<i64>,
+}
+
+/// Loads the OCSP response `path` names for the certificate `leaf` (of
+/// `cert_path`), as [`server_config`] does, without the warnings (`legate
+/// check`).
+pub fn check_ocsp_staple(cert_path: &Path, path: &Path) -> Result<(), FileError> {
+    let certs = load_certs(cert_path, "certificate file")?;
+    match certs.first() {
+        Some(leaf) => load_ocsp(path, cert_path, leaf).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// Reads and checks an OCSP response file: a DER OCSPResponse (RFC 6960) of
+/// status `successful`, a basic response about one certificate, `leaf`
+/// (by serial number, as Envoy checks it). Its signature is not verified:
+/// the client does that, and the file comes from the operator (as Envoy).
+fn load_ocsp(
+    path: &Path,
+    cert_path: &Path,
+    leaf: &CertificateDer<'_>,
+) -> Result<OcspResponse, FileError> {
+    let der = read_file(path, "OCSP response file", PairFile::Cert)?;
+    let shown = path.display();
+    let facts = parse_ocsp(&der)
+        .map_err(|e| FileError::content(format!("OCSP response file `{shown}` {e}")))?;
+    let serial = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map(|(_, c)| c.raw_serial().to_vec())
+        .unwrap_or_default();
+    if trim_integer(&serial) != trim_integer(&facts.serial) {
+        return Err(FileError::content(format!(
+            "OCSP response file `{shown}` is about the certificate with serial number {}, not \
+             the one in `{}` ({})",
+            hex_serial(&facts.serial),
+            cert_path.display(),
+            hex_serial(&serial)
+        )));
+    }
+    if facts.revoked {
+        tracing::warn!(
+            ocsp_staple = %shown,
+            cert = %cert_path.display(),
+            "OCSP response says the certificate is revoked; clients that check it will refuse it"
+        );
+    }
+    Ok(OcspResponse {
+        der,
+        next_update: facts.next_update,
+    })
+}
+
+/// An INTEGER's content without the leading zero bytes of its sign.
+fn trim_integer(bytes: &[u8]) -> &[u8] {
+    let zeros = bytes.iter().take_while(|&&b| b == 0).count();
+    &bytes[zeros.min(bytes.len().saturating_sub(1))..]
+}
+
+/// A serial number as `openssl` prints it: hex bytes joined by `:`.
+fn hex_serial(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, b) in trim_integer(bytes).iter().enumerate() {
+        if i > 0 {
+            out.push(':');
+        }
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// What [`parse_ocsp`] reads of a response.
+#[derive(Debug, PartialEq, Eq)]
+struct OcspFacts {
+    /// The serial number of the certificate it is about (INTEGER content).
+    serial: Vec<u8>,
+    /// `nextUpdate`, seconds since the epoch.
+    next_update: Option<i64>,
+    /// Its `certStatus` is `revoked`.
+    revoked: bool,
+}
+
+/// The DER tags an OCSP response is made of.
+mod der_tag {
+    pub const SEQUENCE: u8 = 0x30;
+    pub const ENUMERATED: u8 = 0x0a;
+    pub const OID: u8 = 0x06;
+    pub const OCTET_STRING: u8 = 0x04;
+    pub const INTEGER: u8 = 0x02;
+    pub const GENERALIZED_TIME: u8 = 0x18;
+    /// `[0]`, `[1]`, `[2]` constructed (EXPLICIT).
+    pub const CTX0: u8 = 0xa0;
+    pub const CTX1: u8 = 0xa1;
+    pub const CTX2: u8 = 0xa2;
+    /// `[0]` and `[2]` primitive (certStatus good, unknown: IMPLICIT).
+    pub const CTX0_PRIM: u8 = 0x80;
+    pub const CTX2_PRIM: u8 = 0x82;
+}
+
+/// id-pkix-ocsp-basic (1.3.6.1.5.5.7.48.1.1), the OID's content bytes.
+const OCSP_BASIC_OID: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01, 0x01];
+
+/// A DER element read by [`der_element`]: its tag, its contents, the whole
+/// element (tag and length too), and the input after it.
+type DerElement<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+/// A DER element of an expected tag ([`der_expect`]): its contents, the
+/// whole element, and the input after it.
+type DerExpected<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
+/// One DER element of `input`. Single-byte tags only (OCSP has no others);
+/// `None` if it is not DER.
+fn der_element(input: &[u8]) -> Option<DerElement<'_>> {
+    let (&tag, rest) = input.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let whole = &input[..input.len() - (rest.len() - len)];
+    Some((tag, &rest[..len], whole, &rest[len..]))
+}
+
+/// The element of `input` with tag `tag`, or an error naming `what`.
+fn der_expect<'a>(input: &'a [u8], tag: u8, what: &str) -> Result<DerExpected<'a>, String> {
+    match der_element(input) {
+        Some((t, contents, whole, rest)) if t == tag => Ok((contents, whole, rest)),
+        _ => Err(not_ocsp(what)),
+    }
+}
+
+/// The error of a file that is not an OCSP response: no `what` where one
+/// belongs.
+fn not_ocsp(what: &str) -> String {
+    format!(
+        "is not a DER OCSP response, as `openssl ocsp -respout` writes one (no {what} where one \
+         belongs)"
+    )
+}
+
+/// Reads an OCSPResponse (RFC 6960 4.2.1) as far as stapling needs: its
+/// status, and of its basic response's one SingleResponse the certificate's
+/// serial number, status and `nextUpdate`. The error completes "OCSP
+/// response file `F` ...".
+fn parse_ocsp(der: &[u8]) -> Result<OcspFacts, String> {
+    use der_tag::*;
+    let (response, _, trailing) = der_expect(der, SEQUENCE, "OCSPResponse SEQUENCE")?;
+    if !trailing.is_empty() {
+        return Err("holds more than one DER element".into());
+    }
+    let (status, _, response) = der_expect(response, ENUMERATED, "responseStatus")?;
+    let name = match status {
+        [0] => None,
+        [1] => Some("malformedRequest"),
+        [2] => Some("internalError"),
+        [3] => Some("tryLater"),
+        [5] => Some("sigRequired"),
+        [6] => Some("unauthorized"),
+        _ => Some("unknown"),
+    };
+    if let Some(name) = name {
+        return Err(format!(
+            "has status {name}, not successful: it says nothing of the certificate"
+        ));
+    }
+    let (bytes, _, _) = der_expect(response, CTX0, "responseBytes")?;
+    let (bytes, _, _) = der_expect(bytes, SEQUENCE, "ResponseBytes SEQUENCE")?;
+    let (oid, _, bytes) = der_expect(bytes, OID, "responseType")?;
+    if oid != OCSP_BASIC_OID {
+        return Err("is not a basic OCSP response (id-pkix-ocsp-basic)".into());
+    }
+    let (basic, _, _) = der_expect(bytes, OCTET_STRING, "response OCTET STRING")?;
+    let (basic, _, _) = der_expect(basic, SEQUENCE, "BasicOCSPResponse SEQUENCE")?;
+    let (mut data, _, _) = der_expect(basic, SEQUENCE, "ResponseData SEQUENCE")?;
+    if let Some((CTX0, _, _, rest)) = der_element(data) {
+        data = rest; // version
+    }
+    data = match der_element(data) {
+        Some((CTX1 | CTX2, _, _, rest)) => rest,
+        _ => return Err(not_ocsp("responderID")),
+    };
+    let (_, _, data) = der_expect(data, GENERALIZED_TIME, "producedAt")?;
+    let (mut responses, _, _) = der_expect(data, SEQUENCE, "responses SEQUENCE")?;
+    let mut singles = Vec::new();
+    while !responses.is_empty() {
+        let (single, _, rest) = der_expect(responses, SEQUENCE, "SingleResponse SEQUENCE")?;
+        singles.push(single);
+        responses = rest;
+    }
+    let [single] = singles[..] else {
+        return Err(format!(
+            "holds {} certificate statuses; a stapled response must be about its certificate \
+             only",
+            singles.len()
+        ));
+    };
+    let (cert_id, _, single) = der_expect(single, SEQUENCE, "CertID SEQUENCE")?;
+    let (_, _, cert_id) = der_expect(cert_id, SEQUENCE, "hashAlgorithm")?;
+    let (_, _, cert_id) = der_expect(cert_id, OCTET_STRING, "issuerNameHash")?;
+    let (_, _, cert_id) = der_expect(cert_id, OCTET_STRING, "issuerKeyHash")?;
+    let (serial, _, _) = der_expect(cert_id, INTEGER, "serialNumber")?;
+    let (revoked, single) = match der_element(single) {
+        Some((CTX0_PRIM | CTX2_PRIM, _, _, rest)) => (false, rest),
+        Some((CTX1, _, _, rest)) => (true, rest),
+        _ => return Err(not_ocsp("certStatus")),
+    };
+    let (_, _, single) = der_expect(single, GENERALIZED_TIME, "thisUpdate")?;
+    let next_update = match der_element(single) {
+        Some((CTX0, explicit, _, _)) => {
+            let (_, time, _) = der_expect(explicit, GENERALIZED_TIME, "nextUpdate")?;
+            use x509_parser::prelude::FromDer;
+            let (_, time) = x509_parser::time::ASN1Time::from_der(time)
+                .map_err(|e| format!("has a nextUpdate that does not parse: {e}"))?;
+            Some(time.timestamp())
+        }
+        _ => None,
+    };
+    Ok(OcspFacts {
+        serial: serial.to_vec(),
+        next_update,
+        revoked,
+    })
 }
 
 /// The names one listener certificate serves: its `server_names`, or else the DNS names
@@ -1763,6 +2100,12 @@ mod tests {
             path
         }
 
+        fn write_bytes(&self, name: &str, contents: &[u8]) -> PathBuf {
+            let path = self.dir.0.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path
+        }
+
         fn issue(&self, stem: &str, mut params: CertificateParams) -> Leaf {
             let key = KeyPair::generate().unwrap();
             params.use_authority_key_identifier_extension = true;
@@ -1806,6 +2149,7 @@ mod tests {
                         cert: leaf.cert.clone(),
                         key: leaf.key.clone(),
                         key_password_file: None,
+                        ocsp_staple: None,
                         server_names: names.iter().map(|n| n.to_string()).collect(),
                     })
                 })
@@ -2065,6 +2409,7 @@ mod tests {
     fn name_lookup_table() {
         let resolver = SniResolver {
             certs: Vec::new(),
+            staples: Vec::new(),
             uri_sans: Vec::new(),
             exact: HashMap::from([("a.test".to_owned(), 1), ("x.wc.test".to_owned(), 2)]),
             wildcard: HashMap::from([("wc.test".to_owned(), 3)]),
@@ -2821,6 +3166,249 @@ mod tests {
             0
         );
         assert_eq!(warnings(|| drop(server_config(&plain, &[]).unwrap())), 1);
+    }
+
+    /// An OCSP response `openssl ocsp -respout` wrote (`good`, nextUpdate in
+    /// 2126) for `ocsp.pem` (serial 0x1234, key `ocsp.key`), and others: one
+    /// about serial 0x5678, one of status tryLater (tests/ui/invalid/certs).
+    const OCSP_FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/ui/invalid/certs");
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(OCSP_FIXTURES).join(name)
+    }
+
+    /// A DER element.
+    fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        match contents.len() {
+            n @ 0..=0x7f => out.push(n as u8),
+            n @ 0x80..=0xff => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend(contents);
+        out
+    }
+
+    /// An unsigned OCSP response (Legate does not verify the signature) about
+    /// `serial`, good, with `next_update` (GeneralizedTime text) if given.
+    fn ocsp_der(serial: &[u8], next_update: Option<&str>) -> Vec<u8> {
+        let time = |t: &str| der(0x18, t.as_bytes());
+        let sha1 = der(
+            0x30,
+            &[der(0x06, &[0x2b, 0x0e, 0x03, 0x02, 0x1a]), vec![5, 0]].concat(),
+        );
+        let cert_id = der(
+            0x30,
+            &[
+                sha1,
+                der(0x04, &[1; 20]),
+                der(0x04, &[2; 20]),
+                der(0x02, serial),
+            ]
+            .concat(),
+        );
+        let mut single = [cert_id, vec![0x80, 0], time("20200101000000Z")].concat();
+        if let Some(t) = next_update {
+            single.extend(der(0xa0, &time(t)));
+        }
+        let data = der(
+            0x30,
+            &[
+                der(0xa2, &der(0x04, &[3; 20])),
+                time("20200101000000Z"),
+                der(0x30, &der(0x30, &single)),
+            ]
+            .concat(),
+        );
+        let alg = der(
+            0x30,
+            &der(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]),
+        );
+        let basic = der(0x30, &[data, alg, der(0x03, &[0])].concat());
+        let bytes = der(
+            0x30,
+            &[der(0x06, OCSP_BASIC_OID), der(0x04, &basic)].concat(),
+        );
+        der(0x30, &[der(0x0a, &[0]), der(0xa0, &bytes)].concat())
+    }
+
+    /// Accepts any server certificate, recording the OCSP response stapled
+    /// to it (empty: none).
+    #[derive(Debug)]
+    struct RecordOcsp {
+        inner: AcceptAnyServerCert,
+        seen: std::sync::Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl ServerCertVerifier for RecordOcsp {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            name: &ServerName<'_>,
+            ocsp_response: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            self.seen.lock().unwrap().push(ocsp_response.to_vec());
+            self.inner
+                .verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    }
+
+    /// The OCSP response a client is given by `server` with each TLS version.
+    async fn stapled(server: &Arc<ServerConfig>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let verifier = Arc::new(RecordOcsp {
+                inner: AcceptAnyServerCert(provider()),
+                seen: Default::default(),
+            });
+            let client = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(verifier.clone())
+                .with_no_client_auth();
+            let outcome = connect(server, &Arc::new(client), "ocsp.test").await;
+            outcome.client.unwrap();
+            let seen = verifier.seen.lock().unwrap().clone();
+            assert_eq!(seen.len(), 1, "{version:?}");
+            out.extend(seen);
+        }
+        out
+    }
+
+    fn ocsp_listener(staple: Option<PathBuf>) -> ListenerTls {
+        let leaf = Leaf {
+            cert: fixture("ocsp.pem"),
+            key: fixture("ocsp.key"),
+            der: load_certs(&fixture("ocsp.pem"), "c").unwrap()[0].clone(),
+        };
+        let mut cfg = listener(&[(&leaf, &[])]);
+        cfg.certificates[0].value.ocsp_staple = staple;
+        cfg
+    }
+
+    /// The response `ocsp_staple` names is stapled as it is, to TLS 1.3 and
+    /// 1.2 handshakes; without it, none is.
+    #[tokio::test]
+    async fn a_current_ocsp_response_is_stapled_byte_for_byte() {
+        let bytes = std::fs::read(fixture("ocsp.der")).unwrap();
+        let facts = parse_ocsp(&bytes).unwrap();
+        assert_eq!(facts.serial, [0x12, 0x34]);
+        assert!(!facts.revoked);
+        assert_eq!(
+            facts
+                .next_update
+                .map(|t| t > now_secs() + 50 * 365 * 86_400),
+            Some(true)
+        );
+        let server = server_config(&ocsp_listener(Some(fixture("ocsp.der"))), &[]).unwrap();
+        assert_eq!(stapled(&server).await, [bytes.clone(), bytes]);
+        let server = server_config(&ocsp_listener(None), &[]).unwrap();
+        assert_eq!(stapled(&server).await, [Vec::<u8>::new(), Vec::new()]);
+    }
+
+    /// A response past its nextUpdate (or without one) loads, warned about,
+    /// and is not stapled; one that expires while served stops being stapled
+    /// then (warned about once), as Envoy's lenient stapling.
+    #[tokio::test]
+    async fn an_expired_ocsp_response_is_not_stapled() {
+        let pki = Pki::new();
+        for next_update in [Some("20210101000000Z"), None] {
+            let path = pki.write_bytes("expired.der", &ocsp_der(&[0x12, 0x34], next_update));
+            let cfg = ocsp_listener(Some(path.clone()));
+            check_ocsp_staple(&fixture("ocsp.pem"), &path).unwrap();
+            let mut server = None;
+            assert_eq!(
+                warnings(|| server = Some(server_config(&cfg, &[]).unwrap())),
+                1
+            );
+            assert_eq!(
+                stapled(&server.unwrap()).await,
+                [Vec::<u8>::new(), Vec::new()]
+            );
+        }
+
+        let provider = provider();
+        let cfg = ocsp_listener(Some(fixture("ocsp.der")));
+        let resolver = SniResolver::load(&cfg.certificates, &provider).unwrap();
+        let next_update = parse_ocsp(&std::fs::read(fixture("ocsp.der")).unwrap())
+            .unwrap()
+            .next_update
+            .unwrap();
+        assert!(resolver.served(0, next_update).unwrap().ocsp.is_some());
+        let count = warnings(|| {
+            for _ in 0..2 {
+                assert!(resolver.served(0, next_update + 1).unwrap().ocsp.is_none());
+            }
+        });
+        assert_eq!(count, 1);
+    }
+
+    /// A file that is not a successful DER OCSP response about the
+    /// certificate fails the load, saying what it is instead.
+    #[test]
+    fn ocsp_response_errors_say_what_is_wrong() {
+        let pki = Pki::new();
+        let cert = fixture("ocsp.pem");
+        let err = |staple: &Path| {
+            let e = check_ocsp_staple(&cert, staple).unwrap_err();
+            assert_eq!(e.file, PairFile::Cert);
+            let built = error_text(server_config(
+                &ocsp_listener(Some(staple.to_path_buf())),
+                &[],
+            ));
+            assert_eq!(built, e.to_string());
+            (e.problem, e.to_string())
+        };
+        let (problem, msg) = err(&fixture("ocsp-trylater.der"));
+        assert_eq!(problem, FileProblem::Content);
+        assert!(msg.contains("has status tryLater, not successful"), "{msg}");
+        let (_, msg) = err(&fixture("ocsp-other.der"));
+        assert!(
+            msg.contains("is about the certificate with serial number 56:78, not the one in")
+                && msg.contains("(12:34)"),
+            "{msg}"
+        );
+        let (_, msg) = err(&cert);
+        assert!(msg.contains("is not a DER OCSP response"), "{msg}");
+        let (problem, msg) = err(&pki.dir.0.join("missing.der"));
+        assert_eq!(problem, FileProblem::Unreadable);
+        assert!(msg.starts_with("cannot read OCSP response file `"), "{msg}");
+        let two = {
+            let mut r = ocsp_der(&[0x12, 0x34], Some("21000101000000Z"));
+            r.push(0);
+            pki.write_bytes("two.der", &r)
+        };
+        let (_, msg) = err(&two);
+        assert!(msg.contains("more than one DER element"), "{msg}");
+        // The hand-made response parses as the checks above expect.
+        let facts = parse_ocsp(&ocsp_der(&[0, 0x99], Some("21000101000000Z"))).unwrap();
+        assert_eq!(trim_integer(&facts.serial), [0x99]);
+        assert_eq!(parse_ocsp(&ocsp_der(&[1], None)).unwrap().next_update, None);
     }
 
     /// Envoy and nginx serve an X.509 v1 certificate (no extensions), which

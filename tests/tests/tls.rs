@@ -138,6 +138,52 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// `ocsp_staple`: the client is given the file's bytes with the
+    /// certificate; a renewed response applies to new connections; one past
+    /// its nextUpdate is not stapled.
+    async fn the_ocsp_response_is_stapled_and_renewed(proto) {
+        let p = pki();
+        let staple = p.a.write_ocsp_response("a.ocsp", (2026, 1, 1), Some((2100, 1, 1)));
+        let up = upstream().start().await;
+        let tls = format!(
+            "      certificates:
+        - cert: {}
+          key: {}
+          ocsp_staple: {}
+",
+            p.a.cert.display(),
+            p.a.key.display(),
+            staple.display()
+        );
+        let lg = legate().config(&tls_listener_config(up.addr, &tls)).from_file().start();
+        let addr = lg.addr("web");
+        let stapled = || async {
+            let mut c = tls_client(proto, addr, TlsOptions::new(&p.a, "a.example")).await.unwrap();
+            assert_eq!(c.get("/").send().await.status, 200);
+            c.ocsp_response
+        };
+        let first = std::fs::read(&staple).unwrap();
+        assert_eq!(stapled().await.as_deref(), Some(&first[..]));
+
+        // A fresh response at the same path: new connections get it.
+        p.a.write_ocsp_response("a.ocsp", (2026, 2, 1), Some((2100, 2, 1)));
+        let second = std::fs::read(&staple).unwrap();
+        assert_ne!(first, second);
+        let (status, body) = lg.admin_post("/reload").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("certificates_renewed"), "{body}");
+        assert_eq!(stapled().await.as_deref(), Some(&second[..]));
+
+        // An expired one is left out; the certificate is still served.
+        p.a.write_ocsp_response("a.ocsp", (2020, 1, 1), Some((2020, 2, 1)));
+        assert_eq!(lg.admin_post("/reload").await.0, 200);
+        assert_eq!(stapled().await, None);
+        assert_eq!(up.requests.get(), 3);
+        lg.assert_stat(TLS_ERRORS, 0.0).await;
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_to_a_tls_listener_fails() {
     let p = pki();

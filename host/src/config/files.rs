@@ -73,6 +73,17 @@ fn crl_help(problem: FileProblem) -> String {
     }
 }
 
+/// Help for an OCSP response file with `problem`.
+fn ocsp_help(problem: FileProblem) -> String {
+    match problem {
+        FileProblem::Content => "give the certificate's current OCSP response in DER, as \
+                                 `openssl ocsp -issuer CA -cert CERT -url URL -respout FILE` \
+                                 writes it (a base64 one decodes with `base64 -d`)"
+            .to_string(),
+        other => help_for(other, "OCSP response file", ""),
+    }
+}
+
 /// A certificate, key or key password problem, as [`cert_key_problems`]
 /// reports it.
 struct PairProblem {
@@ -173,7 +184,9 @@ impl Config {
             for certificate in &tls.certificates {
                 let c = &certificate.value;
                 let password = c.key_password_file.as_deref();
-                for p in cert_key_problems(&c.cert, &c.key, password, "cert", &shown) {
+                let problems = cert_key_problems(&c.cert, &c.key, password, "cert", &shown);
+                let cert_loads = !problems.iter().any(|p| p.file == PairFile::Cert);
+                for p in problems {
                     let at = p.key("cert", "key");
                     e.at(
                         &certificate.referenced,
@@ -181,6 +194,17 @@ impl Config {
                         p.help,
                     )
                     .key(at);
+                }
+                // Checked against the certificate, so only once it loads.
+                if let Some(staple) = c.ocsp_staple.as_deref().filter(|_| cert_loads) {
+                    if let Err(err) = crate::tls::check_ocsp_staple(&c.cert, staple) {
+                        e.at(
+                            &certificate.referenced,
+                            format!("listener `{}`: {}", l.name, shown(&err.to_string())),
+                            ocsp_help(err.problem),
+                        )
+                        .key("ocsp_staple");
+                    }
                 }
             }
             if let Some(auth) = &tls.client_auth {

@@ -1105,7 +1105,10 @@ impl Config {
                 for c in &mut tls.certificates {
                     fix(&mut c.value.cert);
                     fix(&mut c.value.key);
-                    if let Some(p) = &mut c.value.key_password_file {
+                    for p in [&mut c.value.key_password_file, &mut c.value.ocsp_staple]
+                        .into_iter()
+                        .flatten()
+                    {
                         fix(p);
                     }
                 }

@@ -582,6 +582,11 @@ pub struct CertificateConfig {
     /// encrypted.
     #[serde(default)]
     pub key_password_file: Option<PathBuf>,
+    /// A DER OCSP response for the certificate (`openssl ocsp -respout`),
+    /// stapled to handshakes while it is current (Envoy's `ocsp_staple`,
+    /// nginx's `ssl_stapling_file`). Absent = no stapling.
+    #[serde(default)]
+    pub ocsp_staple: Option<PathBuf>,
     /// SNI names served by this certificate: exact or `*.suffix`. Absent = the names
     /// in the certificate's subjectAltName.
     #[serde(default)]
