@@ -234,10 +234,15 @@ fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Ser
 
 /// Loads a certificate chain and its key as [`server_config`] and
 /// [`client_config`] do, and checks that they belong together (`legate check`).
-/// Silent about a certificate outside its validity: building the config
-/// loads it again and warns then, once.
-pub fn check_certified_key(cert: &Path, key: &Path) -> Result<(), FileError> {
-    load_key_pair(cert, key, &provider()).map(|_| ())
+/// Silent about a certificate outside its validity (and an unencrypted key
+/// with a password): building the config loads it again and warns then, once.
+/// `password` is the key's `key_password_file`.
+pub fn check_certified_key(
+    cert: &Path,
+    key: &Path,
+    password: Option<&Path>,
+) -> Result<(), FileError> {
+    load_key_pair(cert, key, password, &provider()).map(|_| ())
 }
 
 /// Loads a CA file as [`server_config`] (`what`: `client CA file`) and
@@ -257,33 +262,59 @@ pub enum FileProblem {
     Content,
     /// The private key is not the key of the certificate it goes with.
     KeyMismatch,
+    /// The private key is encrypted and no `key_password_file` is given.
+    Encrypted,
+    /// The encrypted private key does not decrypt with the password given.
+    WrongPassword,
+    /// The private key is encrypted in a way Legate does not read: OpenSSL's
+    /// legacy PEM encryption (`Proc-Type: 4,ENCRYPTED`), PBES1 or PKCS#12
+    /// algorithms.
+    UnsupportedEncryption,
 }
 
-/// A certificate, key or CA file that cannot be loaded: the message (which
-/// names the file and says what is wrong), what kind of problem it is, and
-/// whether it is the private key's (else the certificate's or CA's). A
-/// mismatch is the key's: the certificate is the one the names come from.
+/// Which file of a certificate, its key and the key's password a
+/// [`FileError`] is in (a CA or CRL file's is [`PairFile::Cert`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairFile {
+    /// The certificate (or CA, CRL) file.
+    Cert,
+    /// The private key file.
+    Key,
+    /// The file holding the private key's password (`key_password_file`).
+    Password,
+}
+
+/// A certificate, key, password or CA file that cannot be loaded: the
+/// message (which names the file and says what is wrong), what kind of
+/// problem it is, and which file it is in. A mismatch is the key's: the
+/// certificate is the one the names come from; a wrong password is the
+/// password file's.
 #[derive(Debug)]
 pub struct FileError {
     /// What kind of problem it is.
     pub problem: FileProblem,
-    /// The problem is in the private key file.
-    pub in_key: bool,
+    /// The file the problem is in.
+    pub file: PairFile,
     message: String,
 }
 
 impl FileError {
-    fn new(problem: FileProblem, in_key: bool, message: String) -> Self {
+    fn new(problem: FileProblem, file: PairFile, message: String) -> Self {
         FileError {
             problem,
-            in_key,
+            file,
             message,
         }
     }
 
     /// The file of a certificate or CA does not hold what it should.
     fn content(message: String) -> Self {
-        Self::new(FileProblem::Content, false, message)
+        Self::new(FileProblem::Content, PairFile::Cert, message)
+    }
+
+    /// The private key file does not hold what it should (`problem`).
+    fn key(problem: FileProblem, message: String) -> Self {
+        Self::new(problem, PairFile::Key, message)
     }
 }
 
@@ -295,12 +326,20 @@ impl std::fmt::Display for FileError {
 
 impl std::error::Error for FileError {}
 
-/// The files a listener's TLS section names (certificates, keys, client CA
-/// and CRLs), in order.
+/// The files a listener's TLS section names (certificates, keys, their
+/// password files and OCSP responses, client CA and CRLs), in order.
 pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::PathBuf> {
     cfg.certificates
         .iter()
-        .flat_map(|c| [&c.value.cert, &c.value.key])
+        .flat_map(|c| {
+            [Some(&c.value.cert), Some(&c.value.key)]
+                .into_iter()
+                .chain([
+                    c.value.key_password_file.as_ref(),
+                    c.value.ocsp_staple.as_ref(),
+                ])
+                .flatten()
+        })
         .chain(
             cfg.client_auth
                 .iter()
@@ -308,18 +347,54 @@ pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::Path
         )
 }
 
-/// The files a cluster's `tls` names (CA, client certificate and key, CRLs).
+/// The files a cluster's `tls` names (CA, client certificate, key and its
+/// password file, CRLs).
 pub fn upstream_files(cfg: &config::UpstreamTls) -> impl Iterator<Item = &std::path::PathBuf> {
-    [&cfg.ca, &cfg.client_cert, &cfg.client_key, &cfg.crl]
-        .into_iter()
-        .flatten()
+    [
+        &cfg.ca,
+        &cfg.client_cert,
+        &cfg.client_key,
+        &cfg.key_password_file,
+        &cfg.crl,
+    ]
+    .into_iter()
+    .flatten()
 }
 
-/// The files `kv.tls` names (CA, client certificate and key).
+/// The files `kv.tls` names (CA, client certificate, key and its password
+/// file).
 pub fn kv_files(cfg: &config::KvTls) -> impl Iterator<Item = &std::path::PathBuf> {
-    [&cfg.ca, &cfg.client_cert, &cfg.client_key]
-        .into_iter()
-        .flatten()
+    [
+        &cfg.ca,
+        &cfg.client_cert,
+        &cfg.client_key,
+        &cfg.key_password_file,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// The PEM of `kv.tls.client_key` for the Redis client, which reads only
+/// unencrypted keys: the file as it is without `password`, else the key
+/// decrypted with it (PKCS#8 PEM, in memory only).
+pub fn kv_client_key_pem(key: &Path, password: Option<&Path>) -> Result<Vec<u8>, FileError> {
+    let Some(password) = password else {
+        return read_file(key, "private key file", PairFile::Key);
+    };
+    let loaded = load_key(key, Some(password))?;
+    let label = match &loaded.key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    pkcs8::der::pem::encode_string(label, pkcs8::LineEnding::LF, loaded.key.secret_der())
+        .map(String::into_bytes)
+        .map_err(|e| {
+            FileError::key(
+                FileProblem::Content,
+                format!("private key file `{}`: {e}", key.display()),
+            )
+        })
 }
 
 /// As [`files_digest`], for `kv.tls`: the file watch reloads the config when
@@ -422,7 +497,8 @@ pub fn client_parts(
     let mut config = match (&cfg.client_cert, &cfg.client_key) {
         (None, None) => builder.with_no_client_auth(),
         (Some(cert), Some(key)) => {
-            let certified = load_certified_key(cert, key, &provider)?;
+            let password = cfg.key_password_file.as_deref();
+            let certified = load_certified_key(cert, key, password, &provider)?;
             certificates.insert(0, LoadedCerts::new(CertRole::Chain, cert, &certified.cert));
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
         }
@@ -678,7 +754,12 @@ fn cipher_name(suite: CipherSuite) -> &'static str {
 /// `*.suffix` wildcard, then the first certificate (also used without SNI).
 #[derive(Debug)]
 struct SniResolver {
+    /// Each certificate, with its OCSP response if it has one to staple.
     certs: Vec<Arc<CertifiedKey>>,
+    /// For each certificate of `certs` that staples a response: until when,
+    /// and the certificate without it, served once the response is past its
+    /// `nextUpdate`.
+    staples: Vec<Option<Staple>>,
     /// The URI SANs of each certificate of `certs`.
     uri_sans: Vec<Arc<[String]>>,
     /// Lowercase name → index into `certs`. The first certificate to claim a name wins.
@@ -739,13 +820,35 @@ impl SniResolver {
         }
         let mut resolver = SniResolver {
             certs: Vec::with_capacity(certificates.len()),
+            staples: Vec::with_capacity(certificates.len()),
             uri_sans: Vec::with_capacity(certificates.len()),
             exact: HashMap::new(),
             wildcard: HashMap::new(),
         };
         for (index, spanned) in certificates.iter().enumerate() {
             let c = &spanned.value;
-            let certified = load_certified_key(&c.cert, &c.key, provider)?;
+            let password = c.key_password_file.as_deref();
+            let mut certified = load_certified_key(&c.cert, &c.key, password, provider)?;
+            let mut staple = None;
+            if let (Some(path), Some(leaf)) = (&c.ocsp_staple, certified.cert.first()) {
+                let response = load_ocsp(path, &c.cert, leaf)?;
+                // A response past its nextUpdate is not stapled, as Envoy's
+                // lenient stapling (its default) and nginx do: an expired
+                // staple makes a client that checks it fail the handshake.
+                match response.next_update.filter(|&t| now_secs() <= t) {
+                    Some(next_update) => {
+                        let unstapled = Arc::new(certified.clone());
+                        certified.ocsp = Some(response.der);
+                        staple = Some(Staple {
+                            next_update,
+                            unstapled,
+                            path: path.clone(),
+                            warned: std::sync::atomic::AtomicBool::new(false),
+                        });
+                    }
+                    None => warn_stale_ocsp(path, response.next_update),
+                }
+            }
             let mut selectable = index == 0;
             for pattern in served_names(c, &certified, index == 0)? {
                 let (table, key) = match pattern {
@@ -772,6 +875,7 @@ impl SniResolver {
                 .unwrap_or_default();
             resolver.uri_sans.push(Arc::from(uris));
             resolver.certs.push(Arc::new(certified));
+            resolver.staples.push(staple);
         }
         Ok(resolver)
     }
@@ -798,14 +902,321 @@ impl SniResolver {
     }
 }
 
+impl SniResolver {
+    /// The certificate at `index` as served at `now` (seconds since the
+    /// epoch): with its OCSP response until the response's `nextUpdate`,
+    /// without it after (warned about once).
+    fn served(&self, index: usize, now: i64) -> Option<Arc<CertifiedKey>> {
+        let certified = self.certs.get(index)?;
+        match self.staples.get(index) {
+            Some(Some(staple)) if now > staple.next_update => {
+                if !staple
+                    .warned
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    warn_stale_ocsp(&staple.path, Some(staple.next_update));
+                }
+                Some(staple.unstapled.clone())
+            }
+            _ => Some(certified.clone()),
+        }
+    }
+}
+
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let index = client_hello
             .server_name()
             .and_then(|sni| self.lookup(sni))
             .unwrap_or(0);
-        self.certs.get(index).cloned()
+        // The clock is read only for a certificate that staples.
+        let now = match self.staples.get(index) {
+            Some(Some(_)) => now_secs(),
+            _ => 0,
+        };
+        self.served(index, now)
     }
+}
+
+/// A listener certificate's stapled OCSP response, as [`SniResolver`] holds
+/// it.
+#[derive(Debug)]
+struct Staple {
+    /// The response's `nextUpdate`, seconds since the epoch: after it, the
+    /// certificate is served without the response.
+    next_update: i64,
+    /// The certificate without the response.
+    unstapled: Arc<CertifiedKey>,
+    /// The response's file, for the warning.
+    path: std::path::PathBuf,
+    /// The warning that the response expired was logged.
+    warned: std::sync::atomic::AtomicBool,
+}
+
+/// Seconds since the Unix epoch, now.
+fn now_secs() -> i64 {
+    x509_parser::time::ASN1Time::now().timestamp()
+}
+
+/// Warns that the OCSP response of `path` is not stapled: past its
+/// `nextUpdate`, or without one (a response that says nothing of when it
+/// stops being current is treated as expired, as Envoy does).
+fn warn_stale_ocsp(path: &Path, next_update: Option<i64>) {
+    match next_update.and_then(|t| x509_parser::time::ASN1Time::from_timestamp(t).ok()) {
+        Some(t) => tracing::warn!(
+            ocsp_staple = %path.display(),
+            next_update = %t,
+            "OCSP response has expired (past its nextUpdate); the certificate is served without \
+             it until the file is renewed"
+        ),
+        None => tracing::warn!(
+            ocsp_staple = %path.display(),
+            "OCSP response has no nextUpdate, so it is never current; the certificate is served \
+             without it"
+        ),
+    }
+}
+
+/// What a listener needs of an OCSP response file.
+struct OcspResponse {
+    /// The file's bytes, stapled as they are.
+    der: Vec<u8>,
+    /// Its `nextUpdate`, seconds since the epoch, if it has one.
+    next_update: Option<i64>,
+}
+
+/// Loads the OCSP response `path` names for the certificate `leaf` (of
+/// `cert_path`), as [`server_config`] does, without the warnings (`legate
+/// check`).
+pub fn check_ocsp_staple(cert_path: &Path, path: &Path) -> Result<(), FileError> {
+    let certs = load_certs(cert_path, "certificate file")?;
+    match certs.first() {
+        Some(leaf) => load_ocsp(path, cert_path, leaf).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// Reads and checks an OCSP response file: a DER OCSPResponse (RFC 6960) of
+/// status `successful`, a basic response about one certificate, `leaf`
+/// (by serial number, as Envoy checks it). Its signature is not verified:
+/// the client does that, and the file comes from the operator (as Envoy).
+fn load_ocsp(
+    path: &Path,
+    cert_path: &Path,
+    leaf: &CertificateDer<'_>,
+) -> Result<OcspResponse, FileError> {
+    let der = read_file(path, "OCSP response file", PairFile::Cert)?;
+    let shown = path.display();
+    let facts = parse_ocsp(&der)
+        .map_err(|e| FileError::content(format!("OCSP response file `{shown}` {e}")))?;
+    let serial = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map(|(_, c)| c.raw_serial().to_vec())
+        .unwrap_or_default();
+    if trim_integer(&serial) != trim_integer(&facts.serial) {
+        return Err(FileError::content(format!(
+            "OCSP response file `{shown}` is about the certificate with serial number {}, not \
+             the one in `{}` ({})",
+            hex_serial(&facts.serial),
+            cert_path.display(),
+            hex_serial(&serial)
+        )));
+    }
+    if facts.revoked {
+        tracing::warn!(
+            ocsp_staple = %shown,
+            cert = %cert_path.display(),
+            "OCSP response says the certificate is revoked; clients that check it will refuse it"
+        );
+    }
+    Ok(OcspResponse {
+        der,
+        next_update: facts.next_update,
+    })
+}
+
+/// An INTEGER's content without the leading zero bytes of its sign.
+fn trim_integer(bytes: &[u8]) -> &[u8] {
+    let zeros = bytes.iter().take_while(|&&b| b == 0).count();
+    &bytes[zeros.min(bytes.len().saturating_sub(1))..]
+}
+
+/// A serial number as `openssl` prints it: hex bytes joined by `:`.
+fn hex_serial(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, b) in trim_integer(bytes).iter().enumerate() {
+        if i > 0 {
+            out.push(':');
+        }
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// What [`parse_ocsp`] reads of a response.
+#[derive(Debug, PartialEq, Eq)]
+struct OcspFacts {
+    /// The serial number of the certificate it is about (INTEGER content).
+    serial: Vec<u8>,
+    /// `nextUpdate`, seconds since the epoch.
+    next_update: Option<i64>,
+    /// Its `certStatus` is `revoked`.
+    revoked: bool,
+}
+
+/// The DER tags an OCSP response is made of.
+mod der_tag {
+    pub const SEQUENCE: u8 = 0x30;
+    pub const ENUMERATED: u8 = 0x0a;
+    pub const OID: u8 = 0x06;
+    pub const OCTET_STRING: u8 = 0x04;
+    pub const INTEGER: u8 = 0x02;
+    pub const GENERALIZED_TIME: u8 = 0x18;
+    /// `[0]`, `[1]`, `[2]` constructed (EXPLICIT).
+    pub const CTX0: u8 = 0xa0;
+    pub const CTX1: u8 = 0xa1;
+    pub const CTX2: u8 = 0xa2;
+    /// `[0]` and `[2]` primitive (certStatus good, unknown: IMPLICIT).
+    pub const CTX0_PRIM: u8 = 0x80;
+    pub const CTX2_PRIM: u8 = 0x82;
+}
+
+/// id-pkix-ocsp-basic (1.3.6.1.5.5.7.48.1.1), the OID's content bytes.
+const OCSP_BASIC_OID: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01, 0x01];
+
+/// A DER element read by [`der_element`]: its tag, its contents, the whole
+/// element (tag and length too), and the input after it.
+type DerElement<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+/// A DER element of an expected tag ([`der_expect`]): its contents, the
+/// whole element, and the input after it.
+type DerExpected<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
+/// One DER element of `input`. Single-byte tags only (OCSP has no others);
+/// `None` if it is not DER.
+fn der_element(input: &[u8]) -> Option<DerElement<'_>> {
+    let (&tag, rest) = input.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let whole = &input[..input.len() - (rest.len() - len)];
+    Some((tag, &rest[..len], whole, &rest[len..]))
+}
+
+/// The element of `input` with tag `tag`, or an error naming `what`.
+fn der_expect<'a>(input: &'a [u8], tag: u8, what: &str) -> Result<DerExpected<'a>, String> {
+    match der_element(input) {
+        Some((t, contents, whole, rest)) if t == tag => Ok((contents, whole, rest)),
+        _ => Err(not_ocsp(what)),
+    }
+}
+
+/// The error of a file that is not an OCSP response: no `what` where one
+/// belongs.
+fn not_ocsp(what: &str) -> String {
+    format!(
+        "is not a DER OCSP response, as `openssl ocsp -respout` writes one (no {what} where one \
+         belongs)"
+    )
+}
+
+/// Reads an OCSPResponse (RFC 6960 4.2.1) as far as stapling needs: its
+/// status, and of its basic response's one SingleResponse the certificate's
+/// serial number, status and `nextUpdate`. The error completes "OCSP
+/// response file `F` ...".
+fn parse_ocsp(der: &[u8]) -> Result<OcspFacts, String> {
+    use der_tag::*;
+    let (response, _, trailing) = der_expect(der, SEQUENCE, "OCSPResponse SEQUENCE")?;
+    if !trailing.is_empty() {
+        return Err("holds more than one DER element".into());
+    }
+    let (status, _, response) = der_expect(response, ENUMERATED, "responseStatus")?;
+    let name = match status {
+        [0] => None,
+        [1] => Some("malformedRequest"),
+        [2] => Some("internalError"),
+        [3] => Some("tryLater"),
+        [5] => Some("sigRequired"),
+        [6] => Some("unauthorized"),
+        _ => Some("unknown"),
+    };
+    if let Some(name) = name {
+        return Err(format!(
+            "has status {name}, not successful: it says nothing of the certificate"
+        ));
+    }
+    let (bytes, _, _) = der_expect(response, CTX0, "responseBytes")?;
+    let (bytes, _, _) = der_expect(bytes, SEQUENCE, "ResponseBytes SEQUENCE")?;
+    let (oid, _, bytes) = der_expect(bytes, OID, "responseType")?;
+    if oid != OCSP_BASIC_OID {
+        return Err("is not a basic OCSP response (id-pkix-ocsp-basic)".into());
+    }
+    let (basic, _, _) = der_expect(bytes, OCTET_STRING, "response OCTET STRING")?;
+    let (basic, _, _) = der_expect(basic, SEQUENCE, "BasicOCSPResponse SEQUENCE")?;
+    let (mut data, _, _) = der_expect(basic, SEQUENCE, "ResponseData SEQUENCE")?;
+    if let Some((CTX0, _, _, rest)) = der_element(data) {
+        data = rest; // version
+    }
+    data = match der_element(data) {
+        Some((CTX1 | CTX2, _, _, rest)) => rest,
+        _ => return Err(not_ocsp("responderID")),
+    };
+    let (_, _, data) = der_expect(data, GENERALIZED_TIME, "producedAt")?;
+    let (mut responses, _, _) = der_expect(data, SEQUENCE, "responses SEQUENCE")?;
+    let mut singles = Vec::new();
+    while !responses.is_empty() {
+        let (single, _, rest) = der_expect(responses, SEQUENCE, "SingleResponse SEQUENCE")?;
+        singles.push(single);
+        responses = rest;
+    }
+    let [single] = singles[..] else {
+        return Err(format!(
+            "holds {} certificate statuses; a stapled response must be about its certificate \
+             only",
+            singles.len()
+        ));
+    };
+    let (cert_id, _, single) = der_expect(single, SEQUENCE, "CertID SEQUENCE")?;
+    let (_, _, cert_id) = der_expect(cert_id, SEQUENCE, "hashAlgorithm")?;
+    let (_, _, cert_id) = der_expect(cert_id, OCTET_STRING, "issuerNameHash")?;
+    let (_, _, cert_id) = der_expect(cert_id, OCTET_STRING, "issuerKeyHash")?;
+    let (serial, _, _) = der_expect(cert_id, INTEGER, "serialNumber")?;
+    let (revoked, single) = match der_element(single) {
+        Some((CTX0_PRIM | CTX2_PRIM, _, _, rest)) => (false, rest),
+        Some((CTX1, _, _, rest)) => (true, rest),
+        _ => return Err(not_ocsp("certStatus")),
+    };
+    let (_, _, single) = der_expect(single, GENERALIZED_TIME, "thisUpdate")?;
+    let next_update = match der_element(single) {
+        Some((CTX0, explicit, _, _)) => {
+            let (_, time, _) = der_expect(explicit, GENERALIZED_TIME, "nextUpdate")?;
+            use x509_parser::prelude::FromDer;
+            let (_, time) = x509_parser::time::ASN1Time::from_der(time)
+                .map_err(|e| format!("has a nextUpdate that does not parse: {e}"))?;
+            Some(time.timestamp())
+        }
+        _ => None,
+    };
+    Ok(OcspFacts {
+        serial: serial.to_vec(),
+        next_update,
+        revoked,
+    })
 }
 
 /// The names one listener certificate serves: its `server_names`, or else the DNS names
@@ -868,32 +1279,55 @@ fn served_names(
     Ok(names)
 }
 
-/// Loads a certificate chain and its private key and checks that they belong
-/// together; warns if the certificate is outside its validity.
+/// Loads a certificate chain and its private key (decrypted with the first
+/// line of `password_path`, its `key_password_file`, if it is encrypted) and
+/// checks that they belong together; warns if the certificate is outside its
+/// validity, or if a password is given for a key that is not encrypted.
 fn load_certified_key(
     cert_path: &Path,
     key_path: &Path,
+    password_path: Option<&Path>,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, FileError> {
-    let certified = load_key_pair(cert_path, key_path, provider)?;
+    let (certified, encrypted) = load_key_pair_with(cert_path, key_path, password_path, provider)?;
     if let Some(leaf) = certified.cert.first() {
         warn_if_outside_validity(leaf, cert_path);
+    }
+    if let (Some(password), false) = (password_path, encrypted) {
+        // As nginx and Envoy, which do not ask for the password of a key that
+        // is not encrypted: a renewal that drops the encryption keeps working.
+        tracing::warn!(
+            key = %key_path.display(),
+            password = %password.display(),
+            "key_password_file is set but the private key is not encrypted; the password is not used"
+        );
     }
     Ok(certified)
 }
 
-/// [`load_certified_key`] without the validity warning.
+/// [`load_certified_key`] without the warnings.
 fn load_key_pair(
     cert_path: &Path,
     key_path: &Path,
+    password_path: Option<&Path>,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, FileError> {
+    load_key_pair_with(cert_path, key_path, password_path, provider).map(|(c, _)| c)
+}
+
+/// [`load_key_pair`], and whether the key was encrypted.
+fn load_key_pair_with(
+    cert_path: &Path,
+    key_path: &Path,
+    password_path: Option<&Path>,
+    provider: &CryptoProvider,
+) -> Result<(CertifiedKey, bool), FileError> {
     let chain = load_certs(cert_path, "certificate file")?;
-    let key = load_key(key_path)?;
+    let LoadedKey { key, encrypted } = load_key(key_path, password_path)?;
     let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
         FileError::new(
             FileProblem::Content,
-            true,
+            PairFile::Key,
             format!(
                 "private key file `{}`: unusable key (supported: RSA, ECDSA P-256/P-384, \
                  Ed25519): {e}",
@@ -916,7 +1350,7 @@ fn load_key_pair(
         Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
             return Err(FileError::new(
                 FileProblem::KeyMismatch,
-                true,
+                PairFile::Key,
                 format!(
                     "private key file `{}` does not match the certificate in `{}` (the first \
                      certificate in the file must be the one the key belongs to)",
@@ -932,7 +1366,7 @@ fn load_key_pair(
             )))
         }
     }
-    Ok(certified)
+    Ok((certified, encrypted))
 }
 
 /// Whether `cert` is an X.509 v1 certificate: one without extensions (no
@@ -1010,12 +1444,12 @@ pub fn validity_problem(path: &Path) -> Option<String> {
     })
 }
 
-/// The bytes of `path`, a `what` (`private key file`: `in_key`).
-fn read_file(path: &Path, what: &str, in_key: bool) -> Result<Vec<u8>, FileError> {
+/// The bytes of `path`, a `what` (`file`: which file it is).
+fn read_file(path: &Path, what: &str, file: PairFile) -> Result<Vec<u8>, FileError> {
     std::fs::read(path).map_err(|e| {
         FileError::new(
             FileProblem::Unreadable,
-            in_key,
+            file,
             format!("cannot read {what} `{}`: {e}", path.display()),
         )
     })
@@ -1024,7 +1458,7 @@ fn read_file(path: &Path, what: &str, in_key: bool) -> Result<Vec<u8>, FileError
 /// All certificates in a PEM file, in order; other PEM sections (such as a key) are
 /// skipped. Fails if there is none.
 fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, FileError> {
-    let pem = read_file(path, what, false)?;
+    let pem = read_file(path, what, PairFile::Cert)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
@@ -1039,21 +1473,158 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, F
     Ok(certs)
 }
 
-/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, FileError> {
-    let pem = read_file(path, "private key file", true)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+/// A private key as read from its file.
+struct LoadedKey {
+    key: PrivateKeyDer<'static>,
+    /// It was encrypted (and decrypted with its password).
+    encrypted: bool,
+}
+
+/// The label of an encrypted PKCS#8 PEM block (RFC 5958, what `openssl
+/// pkcs8 -topk8 -v2 aes-256-cbc` and `openssl genpkey -aes256` write).
+const ENCRYPTED_PKCS8_LABEL: &str = "ENCRYPTED PRIVATE KEY";
+
+/// How to turn a key Legate cannot decrypt into one it can, for messages.
+const CONVERT_KEY: &str = "convert it to encrypted PKCS#8 with `openssl pkcs8 -topk8 -v2 \
+                           aes-256-cbc -in KEY -out NEW.key`";
+
+/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1), or its
+/// encrypted PKCS#8 key decrypted with the first line of `password_path`.
+/// The password file is read whenever it is given: one that cannot be read
+/// is an error even for a key that is not encrypted (the next renewal's may
+/// be).
+fn load_key(path: &Path, password_path: Option<&Path>) -> Result<LoadedKey, FileError> {
+    let pem = read_file(path, "private key file", PairFile::Key)?;
+    let password = password_path.map(read_password).transpose()?;
+    let shown = path.display();
+    let text = String::from_utf8_lossy(&pem);
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(FileError::key(
+            FileProblem::UnsupportedEncryption,
+            format!(
+                "private key file `{shown}` is encrypted in OpenSSL's legacy PEM format \
+                 (`Proc-Type: 4,ENCRYPTED`), which Legate does not read; {CONVERT_KEY}"
+            ),
+        ));
+    }
+    if let Some(block) = pem_block(&text, ENCRYPTED_PKCS8_LABEL) {
+        let Some((password, password_path)) = password.zip(password_path) else {
+            return Err(FileError::key(
+                FileProblem::Encrypted,
+                format!(
+                    "private key file `{shown}`: the key is encrypted: set key_password_file \
+                     to a file holding its password"
+                ),
+            ));
+        };
+        let key = decrypt_pkcs8(block, &password).map_err(|e| match e {
+            Decrypt::Malformed(e) => FileError::key(
+                FileProblem::Content,
+                format!("private key file `{shown}`: {e}"),
+            ),
+            Decrypt::Unsupported(e) => FileError::key(
+                FileProblem::UnsupportedEncryption,
+                format!(
+                    "private key file `{shown}` is encrypted with an algorithm Legate does not \
+                     support ({e}; supported: PBES2 with PBKDF2 or scrypt, and AES-CBC); \
+                     {CONVERT_KEY}"
+                ),
+            ),
+            Decrypt::Failed => FileError::new(
+                FileProblem::WrongPassword,
+                PairFile::Password,
+                format!(
+                    "could not decrypt private key file `{shown}` with the password in `{}` \
+                     (wrong password?)",
+                    password_path.display()
+                ),
+            ),
+        })?;
+        return Ok(LoadedKey {
+            key,
+            encrypted: true,
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         let message = match e {
             pem::Error::NoItemsFound => format!(
-                "private key file `{}` contains no private key (expected a PEM `BEGIN PRIVATE \
-                 KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block; encrypted keys \
-                 are not supported)",
-                path.display()
+                "private key file `{shown}` contains no private key (expected a PEM `BEGIN \
+                 PRIVATE KEY`, `BEGIN RSA PRIVATE KEY`, `BEGIN EC PRIVATE KEY` or, with \
+                 key_password_file, `BEGIN ENCRYPTED PRIVATE KEY` block)"
             ),
-            e => format!("private key file `{}`: malformed PEM: {e}", path.display()),
+            e => format!("private key file `{shown}`: malformed PEM: {e}"),
         };
-        FileError::new(FileProblem::Content, true, message)
+        FileError::key(FileProblem::Content, message)
+    })?;
+    Ok(LoadedKey {
+        key,
+        encrypted: false,
     })
+}
+
+/// The password in a `key_password_file`: its first line, without the line
+/// end (as nginx's `ssl_password_file`; Envoy's `password` file is read
+/// whole, so a one-line file means the same to both).
+fn read_password(path: &Path) -> Result<pkcs8::der::zeroize::Zeroizing<Vec<u8>>, FileError> {
+    let bytes = pkcs8::der::zeroize::Zeroizing::new(read_file(
+        path,
+        "key password file",
+        PairFile::Password,
+    )?);
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    Ok(pkcs8::der::zeroize::Zeroizing::new(line.to_vec()))
+}
+
+/// The first `-----BEGIN label-----` ... `-----END label-----` block of a
+/// PEM file, both lines included.
+fn pem_block<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = text.find(&begin)?;
+    let stop = start + text[start..].find(&end)? + end.len();
+    Some(&text[start..stop])
+}
+
+/// Why an encrypted PKCS#8 key does not decrypt.
+enum Decrypt {
+    /// The PEM or its DER is not an EncryptedPrivateKeyInfo.
+    Malformed(String),
+    /// An encryption scheme pkcs5 does not decrypt.
+    Unsupported(String),
+    /// Decryption failed, or did not give a PKCS#8 key: the password is wrong
+    /// (a wrong key fails CBC's padding check, or rarely passes it with bytes
+    /// that are not DER).
+    Failed,
+}
+
+/// Decrypts an encrypted PKCS#8 PEM block with `password`.
+fn decrypt_pkcs8(block: &str, password: &[u8]) -> Result<PrivateKeyDer<'static>, Decrypt> {
+    use pkcs8::der::Decode;
+    use pkcs8::pkcs5::Error as Pkcs5;
+    let (_, doc) = pkcs8::Document::from_pem(block)
+        .map_err(|e| Decrypt::Malformed(format!("malformed encrypted key PEM: {e}")))?;
+    let info = pkcs8::EncryptedPrivateKeyInfo::from_der(doc.as_bytes()).map_err(|e| {
+        // An algorithm identifier pkcs5 has no type for (PKCS#12's) does not
+        // parse: it is still an encrypted key, of a scheme not supported.
+        Decrypt::Unsupported(format!("cannot read its encryption parameters: {e}"))
+    })?;
+    let plain = match info.decrypt(password) {
+        Ok(plain) => plain,
+        // pkcs5 0.7 reports CBC's padding check failing as `EncryptFailed`.
+        Err(pkcs8::Error::EncryptedPrivateKey(Pkcs5::DecryptFailed | Pkcs5::EncryptFailed)) => {
+            return Err(Decrypt::Failed)
+        }
+        Err(pkcs8::Error::EncryptedPrivateKey(e)) => {
+            return Err(Decrypt::Unsupported(e.to_string()))
+        }
+        // The decrypted bytes are not DER.
+        Err(_) => return Err(Decrypt::Failed),
+    };
+    if pkcs8::PrivateKeyInfo::from_der(plain.as_bytes()).is_err() {
+        return Err(Decrypt::Failed);
+    }
+    Ok(PrivateKeyDer::Pkcs8(plain.as_bytes().to_vec().into()))
 }
 
 /// A trust store holding every certificate of a PEM file; any unusable one is an error
@@ -1287,7 +1858,7 @@ impl std::error::Error for SanMismatch {}
 /// Every revocation list of a PEM file, each parsed as the verifier will
 /// parse it, so a broken list fails the load rather than every handshake.
 fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, FileError> {
-    let pem = read_file(path, "CRL file", false)?;
+    let pem = read_file(path, "CRL file", PairFile::Cert)?;
     let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
@@ -1529,6 +2100,12 @@ mod tests {
             path
         }
 
+        fn write_bytes(&self, name: &str, contents: &[u8]) -> PathBuf {
+            let path = self.dir.0.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path
+        }
+
         fn issue(&self, stem: &str, mut params: CertificateParams) -> Leaf {
             let key = KeyPair::generate().unwrap();
             params.use_authority_key_identifier_extension = true;
@@ -1571,6 +2148,8 @@ mod tests {
                     unspanned(CertificateConfig {
                         cert: leaf.cert.clone(),
                         key: leaf.key.clone(),
+                        key_password_file: None,
+                        ocsp_staple: None,
                         server_names: names.iter().map(|n| n.to_string()).collect(),
                     })
                 })
@@ -1588,6 +2167,7 @@ mod tests {
             ca: ca.map(Path::to_path_buf),
             client_cert: client.map(|c| c.cert.clone()),
             client_key: client.map(|c| c.key.clone()),
+            key_password_file: None,
             crl: None,
             only_verify_leaf_cert_crl: false,
             match_subject_alt_names: Vec::new(),
@@ -1829,6 +2409,7 @@ mod tests {
     fn name_lookup_table() {
         let resolver = SniResolver {
             certs: Vec::new(),
+            staples: Vec::new(),
             uri_sans: Vec::new(),
             exact: HashMap::from([("a.test".to_owned(), 1), ("x.wc.test".to_owned(), 2)]),
             wildcard: HashMap::from([("wc.test".to_owned(), 3)]),
@@ -2375,29 +2956,36 @@ mod tests {
         let missing = pki.dir.0.join("missing.pem");
         let kind = |r: Result<(), FileError>| {
             let e = r.unwrap_err();
-            (e.problem, e.in_key)
+            (e.problem, e.file)
         };
         use FileProblem::{Content, KeyMismatch, Unreadable};
+        use PairFile::{Cert, Key};
         assert_eq!(
-            kind(check_certified_key(&missing, &a.key)),
-            (Unreadable, false)
+            kind(check_certified_key(&missing, &a.key, None)),
+            (Unreadable, Cert)
         );
         assert_eq!(
-            kind(check_certified_key(&a.cert, &missing)),
-            (Unreadable, true)
+            kind(check_certified_key(&a.cert, &missing, None)),
+            (Unreadable, Key)
         );
-        assert_eq!(kind(check_certified_key(&a.key, &a.key)), (Content, false));
-        assert_eq!(kind(check_certified_key(&a.cert, &a.cert)), (Content, true));
         assert_eq!(
-            kind(check_certified_key(&a.cert, &b.key)),
-            (KeyMismatch, true)
+            kind(check_certified_key(&a.key, &a.key, None)),
+            (Content, Cert)
         );
-        assert_eq!(kind(check_roots(&missing, "CA file")), (Unreadable, false));
-        assert_eq!(kind(check_roots(&a.key, "CA file")), (Content, false));
-        assert!(check_certified_key(&a.cert, &a.key).is_ok());
+        assert_eq!(
+            kind(check_certified_key(&a.cert, &a.cert, None)),
+            (Content, Key)
+        );
+        assert_eq!(
+            kind(check_certified_key(&a.cert, &b.key, None)),
+            (KeyMismatch, Key)
+        );
+        assert_eq!(kind(check_roots(&missing, "CA file")), (Unreadable, Cert));
+        assert_eq!(kind(check_roots(&a.key, "CA file")), (Content, Cert));
+        assert!(check_certified_key(&a.cert, &a.key, None).is_ok());
         assert!(check_roots(&pki.ca, "CA file").is_ok());
         // The messages are the loader's, naming the file.
-        let e = check_certified_key(&a.cert, &missing)
+        let e = check_certified_key(&a.cert, &missing, None)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("cannot read private key file `"), "{e}");
@@ -2408,6 +2996,420 @@ mod tests {
     const V1_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBJjCBzQIUBKSvtN9hukCymgf2lF6ItdWM/M4wCgYIKoZIzj0EAwIwFTETMBEG\nA1UEAwwKdjEgdGVzdCBDQTAgFw0yNjEyMDcwMTM4MDNaGA8yMTI2MTExMzAxMzgw\nM1owFTETMBEGA1UEAwwKdjEuZXhhbXBsZTBZMBMGByqGSM49AgEGCCqGSM49AwEH\nA0IABHYkjmYEAdSPunddcv9zWhXBjuU8N4VnivKmsHmNgbNArzhoA5VeJZCiT2ua\n5p98iqnmFbHeXcWivDj4nBOVG+4wCgYIKoZIzj0EAwIDSAAwRQIgK5T1u4+Bs6v1\ntwZ5Qt2vdbv/WphE452q3Bkbfx5/NGgCIQDFM2SfGbmVqXhmrLOV6mWPIvdQIxcM\nVx1ihpphcxO8Mg==\n-----END CERTIFICATE-----\n";
     const V1_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgXorqBMa3tNKvrg/m\nYZYmguiNvsWcoBjWnwQVfOgCmJihRANCAAR2JI5mBAHUj7p3XXL/c1oVwY7lPDeF\nZ4ryprB5jYGzQK84aAOVXiWQok9rmuaffIqp5hWx3l3Forw4+JwTlRvu\n-----END PRIVATE KEY-----\n";
     const OTHER_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgcQynHf3XhsDqyAMU\nbrOTpZ+qc/P6ZC5YDYUJixQMgLChRANCAAShqpM1cDHWeTXHTmen+f1LobP+ebLd\nDAD3fDd7BkIjCVitn0pgm6qoGNj8zk3bRKKUxmsAnc3gjsHa7QTMZIXj\n-----END PRIVATE KEY-----\n";
+
+    /// One P-256 key (`openssl genpkey`), then as OpenSSL 3 encrypts it with
+    /// the password `legate-test`: `openssl pkcs8 -topk8 -v2 aes-256-cbc`
+    /// (PBKDF2-HMAC-SHA256), `-v2 aes-128-cbc -v2prf hmacWithSHA1` (OpenSSL
+    /// 1.0's PRF), `-scrypt`, `-v1 PBE-SHA1-3DES` (PKCS#12, not supported), and
+    /// `openssl ec -aes256` (legacy PEM encryption, not supported).
+    const PLAIN_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg56WrTas2k+06KEax\nKDDZW0/ceyw+xsQFa0ENkMU0GwWhRANCAAQBqwtfOdQKmP32rE8fluerOSs0hee8\nYLKAl6su6awMAaTHRkzEm6m+7Z6xONbrz73i0c3Py405jQXi8Oz5uzYS\n-----END PRIVATE KEY-----\n";
+    const PBKDF2_SHA256_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAiSHthO62eoaQICCAAw\nDAYIKoZIhvcNAgkFADAdBglghkgBZQMEASoEEH7f7eE4bQFrwe3xXCcqqLgEgZDj\nV4yr5/4XcuSmLEwJ1uIEYgabx3tFa6AcprgW7mrLlB6e5r48cmXxK/4i+LNS1u3m\nHYMoU4p0ohGIB016MuhLYI/9BDb5vlgkeR2g2fpsZhhRsIQt5YnImsplYzks+lEf\nmbLw4hH6UE5MCTccwCWt5FtCRBQpfvTe0pxZ5u2WK6aP7UvlZZwsGT3wvxo/rhU=\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    const PBKDF2_SHA1_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHeMEkGCSqGSIb3DQEFDTA8MBsGCSqGSIb3DQEFDDAOBAjGrV8b7vDi+QICCAAw\nHQYJYIZIAWUDBAECBBDMJRZNnEnAjZp5dfHPdlDdBIGQIhZnV9Siu3HAF87KtFzr\ntEGlBnpDXId2PblWTexUtstYkN5kgRjaqp5diUqgoqWGftK2gRitSpthJuBrXGpD\nDGLRngVCzYrGZwb5BhsqLloKh37eSmnOdGtFQQ1qymvasTvtSE8hVYg10jhKioU4\nsDNYR3SeluRDIzySeKXR6HmjoLyF5MhWYuwdrKAyvvEc\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    const SCRYPT_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHkME8GCSqGSIb3DQEFDTBCMCEGCSsGAQQB2kcECzAUBAjZajCfWaPE2AICQAAC\nAQgCAQEwHQYJYIZIAWUDBAEqBBAm194p++KAofrnnK9Xv5upBIGQf+wz0cpPYn6E\nKVuWU+CqDuSYsWHrmpDGrbDMngYCU5OTjR+lhnmN7wncSOaFJRH0k2W99GOTL20V\nvOryeQu0nOEbj2lwIGTt5GPVbAYVkPnEHNfLoLVxtIiTW/ozP61EyBc7htxwj/xM\njruG0tipUHiQkIi4DcHVFoATQR31vSah3tqzYQdaNe1B63LLM8hK\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    const PKCS12_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIGxMBwGCiqGSIb3DQEMAQMwDgQIr46xwmO74cQCAggABIGQLv6Y7I/4J2oOKI/3\nXh5f3b3TUrtXgWFUOifzXRtVxzCXEQzSJD6rvjMUP+boaGR2qu2ybg8CVkN0syWN\nazUKbdES9hG9jwzpbgCVJzDof1itWWHVoNpA8YDbuAACXydFI0sKTY6+zqmxg5P0\n5zt+kRY313Lwa/0Ky9junfaDsmR7ernJA/ihmMQGxCUZrZMg\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    const LEGACY_KEY: &str = "-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,0EC7582CE8F9E8A3F1FB6FF78F5744EA\n\nECkIxP59snKznS7XDGJkRo0f1gSiCMNXilY0Q+gA7E1E1WcHfm8EqT49qG1hQ1E6\nJwj3T0TWFjyMaQcmX0NJmQykbGCevtm6eG3XX0nvEViX2YgYOVnEfmiSBJYoUfls\n1TvwwSzc0uJ1k78Jkn5cDWDOfEmSofM9KbfzAcsoq6U=\n-----END EC PRIVATE KEY-----\n";
+
+    /// Writes `leaf`'s key encrypted (PBES2: PBKDF2-HMAC-SHA256, AES-256-CBC)
+    /// with `password`, and a password file holding it on its first line.
+    fn encrypted_key(pki: &Pki, leaf: &Leaf, password: &str) -> (PathBuf, PathBuf) {
+        use pkcs8::der::Decode;
+        let pem = std::fs::read_to_string(&leaf.key).unwrap();
+        let (_, doc) = pkcs8::SecretDocument::from_pem(&pem).unwrap();
+        let info = pkcs8::PrivateKeyInfo::from_der(doc.as_bytes()).unwrap();
+        let params =
+            pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(2048, b"saltsalt", &[7; 16])
+                .unwrap();
+        let encrypted = info.encrypt_with_params(params, password).unwrap();
+        let stem = leaf.key.file_stem().unwrap().to_string_lossy().into_owned();
+        let key = pki.write(
+            &format!("{stem}.enc.key"),
+            &encrypted
+                .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
+                .unwrap(),
+        );
+        let password = pki.write(&format!("{stem}.pass"), &format!("{password}\n"));
+        (key, password)
+    }
+
+    /// What OpenSSL writes decrypts to the key it encrypted: PBKDF2 with
+    /// HMAC-SHA256 or HMAC-SHA1, scrypt; the password is the first line of
+    /// the file, without its line end (CRLF too).
+    #[test]
+    fn encrypted_pkcs8_keys_openssl_writes_decrypt() {
+        let pki = Pki::new();
+        let plain = pki.write("plain.key", PLAIN_KEY);
+        let expected = load_key(&plain, None).unwrap();
+        assert!(!expected.encrypted);
+        let lf = pki.write("lf.pass", "legate-test\nsecond line\n");
+        let crlf = pki.write("crlf.pass", "legate-test\r\n");
+        let bare = pki.write("bare.pass", "legate-test");
+        for (name, pem) in [
+            ("sha256", PBKDF2_SHA256_KEY),
+            ("sha1", PBKDF2_SHA1_KEY),
+            ("scrypt", SCRYPT_KEY),
+        ] {
+            let key = pki.write(&format!("{name}.key"), pem);
+            for password in [&lf, &crlf, &bare] {
+                let loaded =
+                    load_key(&key, Some(password)).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert!(loaded.encrypted);
+                assert_eq!(loaded.key.secret_der(), expected.key.secret_der(), "{name}");
+            }
+        }
+        // The Redis client gets it decrypted, as PKCS#8 PEM.
+        let sha256 = pki.dir.0.join("sha256.key");
+        let pem = kv_client_key_pem(&sha256, Some(&lf)).unwrap();
+        assert_eq!(String::from_utf8(pem).unwrap(), PLAIN_KEY);
+        assert_eq!(
+            kv_client_key_pem(&plain, None).unwrap(),
+            PLAIN_KEY.as_bytes()
+        );
+    }
+
+    /// Each problem of an encrypted key is named, in the file it is in: no
+    /// password, a wrong one, a password file that cannot be read, an
+    /// encryption Legate does not read (with how to convert it).
+    #[test]
+    fn encrypted_key_errors_say_what_to_do() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let (key, password) = encrypted_key(&pki, &a, "s3cret");
+        check_certified_key(&a.cert, &key, Some(&password)).unwrap();
+        let err = |key: &Path, password: Option<&Path>| {
+            let e = check_certified_key(&a.cert, key, password).unwrap_err();
+            (e.problem, e.file, e.to_string())
+        };
+
+        let (problem, file, msg) = err(&key, None);
+        assert_eq!((problem, file), (FileProblem::Encrypted, PairFile::Key));
+        assert!(
+            msg.contains("the key is encrypted: set key_password_file"),
+            "{msg}"
+        );
+        assert!(msg.contains(&key.display().to_string()), "{msg}");
+
+        let wrong = pki.write("wrong.pass", "not-it\n");
+        let (problem, file, msg) = err(&key, Some(&wrong));
+        assert_eq!(
+            (problem, file),
+            (FileProblem::WrongPassword, PairFile::Password)
+        );
+        assert!(
+            msg.starts_with("could not decrypt private key file `")
+                && msg.contains("wrong.pass")
+                && msg.ends_with("(wrong password?)"),
+            "{msg}"
+        );
+
+        let missing = pki.dir.0.join("missing.pass");
+        let (problem, file, msg) = err(&key, Some(&missing));
+        assert_eq!(
+            (problem, file),
+            (FileProblem::Unreadable, PairFile::Password)
+        );
+        assert!(msg.starts_with("cannot read key password file `"), "{msg}");
+        // Read even for a key that is not encrypted (the next one may be).
+        let (problem, file, _) = err(&a.key, Some(&missing));
+        assert_eq!(
+            (problem, file),
+            (FileProblem::Unreadable, PairFile::Password)
+        );
+
+        let test_password = pki.write("test.pass", "legate-test\n");
+        for (name, pem) in [("pkcs12", PKCS12_KEY), ("legacy", LEGACY_KEY)] {
+            let key = pki.write(&format!("{name}.key"), pem);
+            let e = load_key(&key, Some(&test_password)).err().unwrap();
+            let msg = e.to_string();
+            assert_eq!(
+                (e.problem, e.file),
+                (FileProblem::UnsupportedEncryption, PairFile::Key)
+            );
+            assert!(
+                msg.contains("openssl pkcs8 -topk8 -v2 aes-256-cbc"),
+                "{name}: {msg}"
+            );
+        }
+        let legacy = load_key(&pki.dir.0.join("legacy.key"), None).err().unwrap();
+        assert!(
+            legacy.to_string().contains("Proc-Type: 4,ENCRYPTED"),
+            "{legacy}"
+        );
+    }
+
+    /// A listener serves a certificate whose key is encrypted, and a cluster
+    /// presents one; a password for a key that is not encrypted is used by
+    /// neither and warned about (once per load, as nginx and Envoy accept it).
+    #[tokio::test]
+    async fn encrypted_keys_serve_and_present() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let (key, password) = encrypted_key(&pki, &a, "s3cret");
+        let mut cfg = listener(&[(&a, &[])]);
+        cfg.certificates[0].value.key = key.clone();
+        cfg.certificates[0].value.key_password_file = Some(password.clone());
+        let server = server_config(&cfg, &[]).unwrap();
+        let client = any_cert_client(BOTH, &[], true);
+        let seen = connect(&server, &client, "a.test").await;
+        assert_eq!(seen.client.unwrap().server_cert, a.der);
+
+        let client = pki.client("c", "client");
+        let (client_key, client_password) = encrypted_key(&pki, &client, "other");
+        let mut up = upstream(Some(&pki.ca), Some(&client));
+        up.client_key = Some(client_key);
+        up.key_password_file = Some(client_password);
+        client_config(&up, &[]).unwrap();
+
+        let mut plain = listener(&[(&a, &[])]);
+        plain.certificates[0].value.key_password_file = Some(password.clone());
+        assert_eq!(
+            warnings(|| check_certified_key(&a.cert, &a.key, Some(&password)).unwrap()),
+            0
+        );
+        assert_eq!(warnings(|| drop(server_config(&plain, &[]).unwrap())), 1);
+    }
+
+    /// An OCSP response `openssl ocsp -respout` wrote (`good`, nextUpdate in
+    /// 2126) for `ocsp.pem` (serial 0x1234, key `ocsp.key`), and others: one
+    /// about serial 0x5678, one of status tryLater (tests/ui/invalid/certs).
+    const OCSP_FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/ui/invalid/certs");
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(OCSP_FIXTURES).join(name)
+    }
+
+    /// A DER element.
+    fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        match contents.len() {
+            n @ 0..=0x7f => out.push(n as u8),
+            n @ 0x80..=0xff => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend(contents);
+        out
+    }
+
+    /// An unsigned OCSP response (Legate does not verify the signature) about
+    /// `serial`, good, with `next_update` (GeneralizedTime text) if given.
+    fn ocsp_der(serial: &[u8], next_update: Option<&str>) -> Vec<u8> {
+        let time = |t: &str| der(0x18, t.as_bytes());
+        let sha1 = der(
+            0x30,
+            &[der(0x06, &[0x2b, 0x0e, 0x03, 0x02, 0x1a]), vec![5, 0]].concat(),
+        );
+        let cert_id = der(
+            0x30,
+            &[
+                sha1,
+                der(0x04, &[1; 20]),
+                der(0x04, &[2; 20]),
+                der(0x02, serial),
+            ]
+            .concat(),
+        );
+        let mut single = [cert_id, vec![0x80, 0], time("20200101000000Z")].concat();
+        if let Some(t) = next_update {
+            single.extend(der(0xa0, &time(t)));
+        }
+        let data = der(
+            0x30,
+            &[
+                der(0xa2, &der(0x04, &[3; 20])),
+                time("20200101000000Z"),
+                der(0x30, &der(0x30, &single)),
+            ]
+            .concat(),
+        );
+        let alg = der(
+            0x30,
+            &der(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]),
+        );
+        let basic = der(0x30, &[data, alg, der(0x03, &[0])].concat());
+        let bytes = der(
+            0x30,
+            &[der(0x06, OCSP_BASIC_OID), der(0x04, &basic)].concat(),
+        );
+        der(0x30, &[der(0x0a, &[0]), der(0xa0, &bytes)].concat())
+    }
+
+    /// Accepts any server certificate, recording the OCSP response stapled
+    /// to it (empty: none).
+    #[derive(Debug)]
+    struct RecordOcsp {
+        inner: AcceptAnyServerCert,
+        seen: std::sync::Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl ServerCertVerifier for RecordOcsp {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            name: &ServerName<'_>,
+            ocsp_response: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            self.seen.lock().unwrap().push(ocsp_response.to_vec());
+            self.inner
+                .verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    }
+
+    /// The OCSP response a client is given by `server` with each TLS version.
+    async fn stapled(server: &Arc<ServerConfig>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let verifier = Arc::new(RecordOcsp {
+                inner: AcceptAnyServerCert(provider()),
+                seen: Default::default(),
+            });
+            let client = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(verifier.clone())
+                .with_no_client_auth();
+            let outcome = connect(server, &Arc::new(client), "ocsp.test").await;
+            outcome.client.unwrap();
+            let seen = verifier.seen.lock().unwrap().clone();
+            assert_eq!(seen.len(), 1, "{version:?}");
+            out.extend(seen);
+        }
+        out
+    }
+
+    fn ocsp_listener(staple: Option<PathBuf>) -> ListenerTls {
+        let leaf = Leaf {
+            cert: fixture("ocsp.pem"),
+            key: fixture("ocsp.key"),
+            der: load_certs(&fixture("ocsp.pem"), "c").unwrap()[0].clone(),
+        };
+        let mut cfg = listener(&[(&leaf, &[])]);
+        cfg.certificates[0].value.ocsp_staple = staple;
+        cfg
+    }
+
+    /// The response `ocsp_staple` names is stapled as it is, to TLS 1.3 and
+    /// 1.2 handshakes; without it, none is.
+    #[tokio::test]
+    async fn a_current_ocsp_response_is_stapled_byte_for_byte() {
+        let bytes = std::fs::read(fixture("ocsp.der")).unwrap();
+        let facts = parse_ocsp(&bytes).unwrap();
+        assert_eq!(facts.serial, [0x12, 0x34]);
+        assert!(!facts.revoked);
+        assert_eq!(
+            facts
+                .next_update
+                .map(|t| t > now_secs() + 50 * 365 * 86_400),
+            Some(true)
+        );
+        let server = server_config(&ocsp_listener(Some(fixture("ocsp.der"))), &[]).unwrap();
+        assert_eq!(stapled(&server).await, [bytes.clone(), bytes]);
+        let server = server_config(&ocsp_listener(None), &[]).unwrap();
+        assert_eq!(stapled(&server).await, [Vec::<u8>::new(), Vec::new()]);
+    }
+
+    /// A response past its nextUpdate (or without one) loads, warned about,
+    /// and is not stapled; one that expires while served stops being stapled
+    /// then (warned about once), as Envoy's lenient stapling.
+    #[tokio::test]
+    async fn an_expired_ocsp_response_is_not_stapled() {
+        let pki = Pki::new();
+        for next_update in [Some("20210101000000Z"), None] {
+            let path = pki.write_bytes("expired.der", &ocsp_der(&[0x12, 0x34], next_update));
+            let cfg = ocsp_listener(Some(path.clone()));
+            check_ocsp_staple(&fixture("ocsp.pem"), &path).unwrap();
+            let mut server = None;
+            assert_eq!(
+                warnings(|| server = Some(server_config(&cfg, &[]).unwrap())),
+                1
+            );
+            assert_eq!(
+                stapled(&server.unwrap()).await,
+                [Vec::<u8>::new(), Vec::new()]
+            );
+        }
+
+        let provider = provider();
+        let cfg = ocsp_listener(Some(fixture("ocsp.der")));
+        let resolver = SniResolver::load(&cfg.certificates, &provider).unwrap();
+        let next_update = parse_ocsp(&std::fs::read(fixture("ocsp.der")).unwrap())
+            .unwrap()
+            .next_update
+            .unwrap();
+        assert!(resolver.served(0, next_update).unwrap().ocsp.is_some());
+        let count = warnings(|| {
+            for _ in 0..2 {
+                assert!(resolver.served(0, next_update + 1).unwrap().ocsp.is_none());
+            }
+        });
+        assert_eq!(count, 1);
+    }
+
+    /// A file that is not a successful DER OCSP response about the
+    /// certificate fails the load, saying what it is instead.
+    #[test]
+    fn ocsp_response_errors_say_what_is_wrong() {
+        let pki = Pki::new();
+        let cert = fixture("ocsp.pem");
+        let err = |staple: &Path| {
+            let e = check_ocsp_staple(&cert, staple).unwrap_err();
+            assert_eq!(e.file, PairFile::Cert);
+            let built = error_text(server_config(
+                &ocsp_listener(Some(staple.to_path_buf())),
+                &[],
+            ));
+            assert_eq!(built, e.to_string());
+            (e.problem, e.to_string())
+        };
+        let (problem, msg) = err(&fixture("ocsp-trylater.der"));
+        assert_eq!(problem, FileProblem::Content);
+        assert!(msg.contains("has status tryLater, not successful"), "{msg}");
+        let (_, msg) = err(&fixture("ocsp-other.der"));
+        assert!(
+            msg.contains("is about the certificate with serial number 56:78, not the one in")
+                && msg.contains("(12:34)"),
+            "{msg}"
+        );
+        let (_, msg) = err(&cert);
+        assert!(msg.contains("is not a DER OCSP response"), "{msg}");
+        let (problem, msg) = err(&pki.dir.0.join("missing.der"));
+        assert_eq!(problem, FileProblem::Unreadable);
+        assert!(msg.starts_with("cannot read OCSP response file `"), "{msg}");
+        let two = {
+            let mut r = ocsp_der(&[0x12, 0x34], Some("21000101000000Z"));
+            r.push(0);
+            pki.write_bytes("two.der", &r)
+        };
+        let (_, msg) = err(&two);
+        assert!(msg.contains("more than one DER element"), "{msg}");
+        // The hand-made response parses as the checks above expect.
+        let facts = parse_ocsp(&ocsp_der(&[0, 0x99], Some("21000101000000Z"))).unwrap();
+        assert_eq!(trim_integer(&facts.serial), [0x99]);
+        assert_eq!(parse_ocsp(&ocsp_der(&[1], None)).unwrap().next_update, None);
+    }
 
     /// Envoy and nginx serve an X.509 v1 certificate (no extensions), which
     /// webpki does not parse: Legate loads it too, checking that the key is
@@ -2420,9 +3422,12 @@ mod tests {
         let key = pki.write("v1.key", V1_KEY);
         let other = pki.write("other.key", OTHER_KEY);
         assert!(is_x509_v1(&load_certs(&cert, "c").unwrap()[0]));
-        check_certified_key(&cert, &key).unwrap();
-        let e = check_certified_key(&cert, &other).unwrap_err();
-        assert_eq!((e.problem, e.in_key), (FileProblem::KeyMismatch, true));
+        check_certified_key(&cert, &key, None).unwrap();
+        let e = check_certified_key(&cert, &other, None).unwrap_err();
+        assert_eq!(
+            (e.problem, e.file),
+            (FileProblem::KeyMismatch, PairFile::Key)
+        );
         let leaf = Leaf {
             cert: cert.clone(),
             key: key.clone(),
@@ -2449,7 +3454,7 @@ mod tests {
         params.not_after = rcgen::date_time_ymd(2001, 1, 1);
         let old = pki.issue("old", params);
         assert_eq!(
-            warnings(|| check_certified_key(&old.cert, &old.key).unwrap()),
+            warnings(|| check_certified_key(&old.cert, &old.key, None).unwrap()),
             0
         );
         assert_eq!(

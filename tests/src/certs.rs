@@ -101,6 +101,108 @@ impl TlsFiles {
         )
     }
 
+    /// Writes (or rewrites) the key encrypted with `password` (encrypted
+    /// PKCS#8 PEM, PBES2: PBKDF2-HMAC-SHA256 and AES-256-CBC, as `openssl
+    /// pkcs8 -topk8 -v2 aes-256-cbc` writes it) to `key_name`, and `password`
+    /// on the first line of `password_name`, both in the certificate's
+    /// directory; returns (key, password file).
+    pub fn write_encrypted_key(
+        &self,
+        key_name: &str,
+        password_name: &str,
+        password: &str,
+    ) -> (PathBuf, PathBuf) {
+        use pkcs8::der::Decode;
+        let info = pkcs8::PrivateKeyInfo::from_der(&self.key_der).expect("PKCS#8 key");
+        // A fixed salt and IV: these keys protect nothing.
+        let params = pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(
+            2048,
+            b"legate-test-salt",
+            &[7; 16],
+        )
+        .expect("PBES2 parameters");
+        let pem = info
+            .encrypt_with_params(params, password)
+            .expect("encrypt key")
+            .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
+            .expect("PEM");
+        let key = self._dir.write(key_name, pem.as_bytes());
+        let pass = self._dir.write(password_name, format!("{password}\n"));
+        (key, pass)
+    }
+
+    /// Writes (or rewrites) `name` in the certificate's directory: a DER OCSP
+    /// response (RFC 6960) saying this certificate is good, produced on
+    /// `produced` (year, month, day) and current until `next_update` if given.
+    /// Its CertID hashes and signature are placeholders (Legate checks the
+    /// serial number, a client the signature): the bytes are what a test
+    /// compares.
+    pub fn write_ocsp_response(
+        &self,
+        name: &str,
+        produced: Day,
+        next_update: Option<Day>,
+    ) -> PathBuf {
+        fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+            let mut out = vec![tag];
+            match contents.len() {
+                n @ 0..=0x7f => out.push(n as u8),
+                n @ 0x80..=0xff => out.extend([0x81, n as u8]),
+                n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+            }
+            out.extend(contents);
+            out
+        }
+        let time = |(y, m, d): Day| der(0x18, format!("{y:04}{m:02}{d:02}000000Z").as_bytes());
+        let serial: Vec<u8> = {
+            let bytes = self.serial.to_be_bytes();
+            let first = bytes.iter().position(|&b| b != 0).unwrap_or(7);
+            let mut v = bytes[first..].to_vec();
+            if v[0] & 0x80 != 0 {
+                v.insert(0, 0);
+            }
+            v
+        };
+        let sha1 = der(
+            0x30,
+            &[der(0x06, &[0x2b, 0x0e, 0x03, 0x02, 0x1a]), vec![5, 0]].concat(),
+        );
+        let cert_id = der(
+            0x30,
+            &[
+                sha1,
+                der(0x04, &[1; 20]),
+                der(0x04, &[2; 20]),
+                der(0x02, &serial),
+            ]
+            .concat(),
+        );
+        let mut single = [cert_id, vec![0x80, 0], time(produced)].concat();
+        if let Some(day) = next_update {
+            single.extend(der(0xa0, &time(day)));
+        }
+        let data = der(
+            0x30,
+            &[
+                der(0xa2, &der(0x04, &[3; 20])),
+                time(produced),
+                der(0x30, &der(0x30, &single)),
+            ]
+            .concat(),
+        );
+        // ecdsa-with-SHA256, an empty signature.
+        let alg = der(
+            0x30,
+            &der(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]),
+        );
+        let basic = der(0x30, &[data, alg, der(0x03, &[0])].concat());
+        // id-pkix-ocsp-basic
+        let oid = [0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01, 0x01];
+        let bytes = der(0x30, &[der(0x06, &oid), der(0x04, &basic)].concat());
+        let response = der(0x30, &[der(0x0a, &[0]), der(0xa0, &bytes)].concat());
+        self._dir.write(name, response)
+    }
+
     /// The private key, DER.
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
@@ -118,7 +220,7 @@ impl std::fmt::Debug for TlsFiles {
 }
 
 /// A calendar day: (year, month, day).
-type Day = (i32, u8, u8);
+pub type Day = (i32, u8, u8);
 
 impl Ca {
     /// A new self-signed CA with common name `name`.

@@ -60,6 +60,9 @@ pub struct Client {
     pub alpn: Option<String>,
     /// Negotiated TLS version, e.g. `TLSv1_3` (TLS only).
     pub tls_version: Option<String>,
+    /// The OCSP response the server stapled to its certificate (TLS only;
+    /// `None` when it stapled none).
+    pub ocsp_response: Option<Vec<u8>>,
 }
 
 impl Clone for Client {
@@ -80,6 +83,7 @@ impl Clone for Client {
             peer_cert: self.peer_cert.clone(),
             alpn: self.alpn.clone(),
             tls_version: self.tls_version.clone(),
+            ocsp_response: self.ocsp_response.clone(),
         }
     }
 }
@@ -139,9 +143,65 @@ impl TlsOptions {
     }
 }
 
+/// The server certificate verifier of test clients: webpki's, with the CA of
+/// [`TlsOptions`], recording the OCSP response stapled to the certificate.
+#[derive(Debug)]
+struct RecordingVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    ocsp: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Ok(mut seen) = self.ocsp.lock() {
+            *seen = (!ocsp_response.is_empty()).then(|| ocsp_response.to_vec());
+        }
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
 fn client_tls_config(proto: Proto, opts: &TlsOptions) -> anyhow::Result<rustls::ClientConfig> {
+    Ok(client_tls_config_recording(proto, opts)?.0)
+}
+
+/// [`client_tls_config`], and the verifier that records what the server
+/// stapled.
+fn client_tls_config_recording(
+    proto: Proto,
+    opts: &TlsOptions,
+) -> anyhow::Result<(rustls::ClientConfig, Arc<RecordingVerifier>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let b = rustls::ClientConfig::builder_with_provider(provider);
+    let b = rustls::ClientConfig::builder_with_provider(provider.clone());
     let b = if opts.tls12_only {
         b.with_protocol_versions(&[&rustls::version::TLS12])?
     } else {
@@ -149,7 +209,17 @@ fn client_tls_config(proto: Proto, opts: &TlsOptions) -> anyhow::Result<rustls::
     };
     let mut roots = rustls::RootCertStore::empty();
     roots.add(opts.ca.clone())?;
-    let b = b.with_root_certificates(roots);
+    let verifier = Arc::new(RecordingVerifier {
+        webpki: rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider,
+        )
+        .build()?,
+        ocsp: std::sync::Mutex::new(None),
+    });
+    let b = b
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone());
     let mut cfg = match &opts.client_cert {
         Some(c) => b.with_client_auth_cert(c.chain.clone(), c.key_der())?,
         None => b.with_no_client_auth(),
@@ -158,7 +228,7 @@ fn client_tls_config(proto: Proto, opts: &TlsOptions) -> anyhow::Result<rustls::
         Proto::H1 => vec![b"http/1.1".to_vec()],
         Proto::H2 => vec![b"h2".to_vec()],
     });
-    Ok(cfg)
+    Ok((cfg, verifier))
 }
 
 impl Client {
@@ -175,6 +245,7 @@ impl Client {
             peer_cert: None,
             alpn: None,
             tls_version: None,
+            ocsp_response: None,
         })
     }
 
@@ -197,6 +268,7 @@ impl Client {
             peer_cert: None,
             alpn: None,
             tls_version: None,
+            ocsp_response: None,
         })
     }
 
@@ -217,7 +289,7 @@ impl Client {
         opts: TlsOptions,
         preamble: &[u8],
     ) -> anyhow::Result<Client> {
-        let cfg = client_tls_config(proto, &opts)?;
+        let (cfg, verifier) = client_tls_config_recording(proto, &opts)?;
         let mut tcp = TcpStream::connect(addr).await.context("tcp connect")?;
         tcp.set_nodelay(true)?;
         tokio::io::AsyncWriteExt::write_all(&mut tcp, preamble).await?;
@@ -241,6 +313,7 @@ impl Client {
             peer_cert,
             alpn,
             tls_version,
+            ocsp_response: verifier.ocsp.lock().ok().and_then(|o| o.clone()),
         })
     }
 

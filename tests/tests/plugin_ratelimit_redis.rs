@@ -753,37 +753,67 @@ fn backend_over_tls_needs_a_trusted_server_and_a_client_certificate() {
 
 each_proto!(
     async fn limits_through_redis_over_mutual_tls(proto) {
-        let ca = Ca::new("redis-ca");
-        let server = ca.server(&["localhost"]);
-        let client_files = ca.client("legate");
-        let redis = RedisServer::start_tls(&server, Some(&server.ca));
-        let up = upstream().start().await;
-        let tls = format!(
-            "  timeout: 400ms\n  tls:\n    ca: {}\n    client_cert: {}\n    client_key: {}\n",
-            server.ca.display(),
-            client_files.cert.display(),
-            client_files.key.display()
-        );
-        let yaml = config(up.addr, &redis.tls_url(), "2/h", "127.0.0.1:0", "127.0.0.1:0");
-        assert!(yaml.contains("  timeout: 400ms\n"));
-        let lg = legate()
-            .config(&yaml.replace("  timeout: 400ms\n", &tls))
-            .start();
-        let mut codes = Vec::new();
-        for _ in 0..3 {
-            let mut c = client(proto, lg.addr("web")).await;
-            codes.push(c.get("/api/x").send().await.status);
-        }
-        assert_eq!(codes, [200, 200, 429]);
-        assert_eq!(up.requests.get(), 2);
-        // The bucket lives in Redis (seen over its plaintext port)...
-        let keys = redis.command("KEYS legate:ratelimit:*");
-        assert!(keys.contains("legate:ratelimit:"), "{keys}");
-        // ...and no KV call failed on the way.
-        lg.assert_stat(r#"legate_kv_errors_total{backend="redis"}"#, 0.0)
-            .await;
+        limits_over_mutual_tls(proto, false).await;
     }
 );
+
+each_proto!(
+    /// `kv.tls.key_password_file`: the client key is encrypted; the Redis
+    /// client is given it decrypted.
+    async fn limits_through_redis_with_an_encrypted_client_key(proto) {
+        limits_over_mutual_tls(proto, true).await;
+    }
+);
+
+/// A limit kept in a Redis that requires a client certificate; Legate's key
+/// is `encrypted` (with `key_password_file`) or not.
+async fn limits_over_mutual_tls(proto: Proto, encrypted: bool) {
+    let ca = Ca::new("redis-ca");
+    let server = ca.server(&["localhost"]);
+    let client_files = ca.client("legate");
+    let redis = RedisServer::start_tls(&server, Some(&server.ca));
+    let up = upstream().start().await;
+    let key = if encrypted {
+        let (key, password) =
+            client_files.write_encrypted_key("legate.enc.key", "legate.pass", "s3cret");
+        format!(
+            "{}\n    key_password_file: {}",
+            key.display(),
+            password.display()
+        )
+    } else {
+        client_files.key.display().to_string()
+    };
+    let tls = format!(
+        "  timeout: 400ms\n  tls:\n    ca: {}\n    client_cert: {}\n    client_key: {key}\n",
+        server.ca.display(),
+        client_files.cert.display(),
+    );
+    let yaml = config(
+        up.addr,
+        &redis.tls_url(),
+        "2/h",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+    );
+    assert!(yaml.contains("  timeout: 400ms\n"));
+    let lg = legate()
+        .config(&yaml.replace("  timeout: 400ms\n", &tls))
+        .start();
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let mut c = client(proto, lg.addr("web")).await;
+        codes.push(c.get("/api/x").send().await.status);
+    }
+    assert_eq!(codes, [200, 200, 429]);
+    assert_eq!(up.requests.get(), 2);
+    // The bucket lives in Redis (seen over its plaintext port)...
+    let keys = redis.command("KEYS legate:ratelimit:*");
+    assert!(keys.contains("legate:ratelimit:"), "{keys}");
+    // ...and no KV call failed on the way.
+    lg.assert_stat(r#"legate_kv_errors_total{backend="redis"}"#, 0.0)
+        .await;
+}
 
 /// Set (to a config path) in the environment of a child process of this test
 /// binary: [`legate_child_process`] then runs Legate from that config.

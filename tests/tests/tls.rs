@@ -95,6 +95,95 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// A listener serves a certificate whose key is encrypted
+    /// (`key_password_file`); a renewal that replaces the certificate, the
+    /// key and its password at the same paths applies to new connections.
+    async fn an_encrypted_key_is_served_and_renewed_with_its_password(proto) {
+        let p = pki();
+        let (key, password) = p.a.write_encrypted_key("a.enc.key", "a.pass", "first password");
+        let up = upstream().start().await;
+        let tls = format!(
+            "      certificates:
+        - cert: {}
+          key: {}
+          key_password_file: {}
+",
+            p.a.cert.display(),
+            key.display(),
+            password.display()
+        );
+        let lg = legate().config(&tls_listener_config(up.addr, &tls)).from_file().start();
+        let addr = lg.addr("web");
+        let mut c = tls_client(proto, addr, TlsOptions::new(&p.a, "a.example"))
+            .await
+            .expect("TLS to the encrypted key's certificate");
+        assert_eq!(c.peer_cert.as_ref(), Some(&p.a.chain[0]));
+        assert_eq!(c.get("/").send().await.status, 200);
+
+        // The renewed certificate, its key encrypted with a new password.
+        let renewed = p.ca.server(&["a.example"]);
+        std::fs::copy(&renewed.cert, &p.a.cert).unwrap();
+        renewed.write_encrypted_key("a.enc.key", "a.pass", "second password");
+        let (status, body) = lg.admin_post("/reload").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("certificates_renewed"), "{body}");
+        let mut c = tls_client(proto, addr, TlsOptions::new(&renewed, "a.example"))
+            .await
+            .expect("TLS to the renewed certificate");
+        assert_eq!(c.peer_cert.as_ref(), Some(&renewed.chain[0]));
+        assert_eq!(c.get("/").send().await.status, 200);
+        assert_eq!(up.requests.get(), 2);
+        lg.assert_stat(TLS_ERRORS, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// `ocsp_staple`: the client is given the file's bytes with the
+    /// certificate; a renewed response applies to new connections; one past
+    /// its nextUpdate is not stapled.
+    async fn the_ocsp_response_is_stapled_and_renewed(proto) {
+        let p = pki();
+        let staple = p.a.write_ocsp_response("a.ocsp", (2026, 1, 1), Some((2100, 1, 1)));
+        let up = upstream().start().await;
+        let tls = format!(
+            "      certificates:
+        - cert: {}
+          key: {}
+          ocsp_staple: {}
+",
+            p.a.cert.display(),
+            p.a.key.display(),
+            staple.display()
+        );
+        let lg = legate().config(&tls_listener_config(up.addr, &tls)).from_file().start();
+        let addr = lg.addr("web");
+        let stapled = || async {
+            let mut c = tls_client(proto, addr, TlsOptions::new(&p.a, "a.example")).await.unwrap();
+            assert_eq!(c.get("/").send().await.status, 200);
+            c.ocsp_response
+        };
+        let first = std::fs::read(&staple).unwrap();
+        assert_eq!(stapled().await.as_deref(), Some(&first[..]));
+
+        // A fresh response at the same path: new connections get it.
+        p.a.write_ocsp_response("a.ocsp", (2026, 2, 1), Some((2100, 2, 1)));
+        let second = std::fs::read(&staple).unwrap();
+        assert_ne!(first, second);
+        let (status, body) = lg.admin_post("/reload").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("certificates_renewed"), "{body}");
+        assert_eq!(stapled().await.as_deref(), Some(&second[..]));
+
+        // An expired one is left out; the certificate is still served.
+        p.a.write_ocsp_response("a.ocsp", (2020, 1, 1), Some((2020, 2, 1)));
+        assert_eq!(lg.admin_post("/reload").await.0, 200);
+        assert_eq!(stapled().await, None);
+        assert_eq!(up.requests.get(), 3);
+        lg.assert_stat(TLS_ERRORS, 0.0).await;
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_to_a_tls_listener_fails() {
     let p = pki();
@@ -399,6 +488,45 @@ each_proto!(
         // `auto` takes h2 when the upstream offers it.
         assert_eq!(t.alpn.as_deref(), Some("h2"));
         assert_eq!(e.version, "HTTP/2.0");
+        lg.assert_stat(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// A cluster whose client key is encrypted (`key_password_file`) presents
+    /// its certificate to an upstream that requires one.
+    async fn upstream_mtls_with_an_encrypted_client_key(proto) {
+        let ca = Ca::new("upstream CA");
+        let server = ca.server(&["backend.internal"]);
+        let legate_cert = ca.client("legate");
+        let (key, password) = legate_cert.write_encrypted_key("legate.enc.key", "legate.pass", "s3cret");
+        let up = upstream()
+            .tls(server.clone())
+            .client_ca(legate_cert.clone())
+            .start()
+            .await;
+        let tls = format!(
+            "    protocol: auto
+    tls:
+      sni: backend.internal
+      ca: {}
+      client_cert: {}
+      client_key: {}
+      key_password_file: {}
+",
+            ca.cert_path.display(),
+            legate_cert.cert.display(),
+            key.display(),
+            password.display()
+        );
+        let lg = legate().config(&upstream_tls_config(up.addr, &tls)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/secure").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let t = r.echo().tls.expect("upstream saw TLS");
+        assert!(t.client_cert, "Legate did not present its client certificate");
+        assert_eq!(up.requests.get(), 1);
         lg.assert_stat(r#"legate_cluster_upstream_rq_2xx{cluster="backend"}"#, 1.0)
             .await;
     }

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use super::validate::{Issue, Issues};
 use super::Config;
-use crate::tls::FileProblem;
+use crate::tls::{FileProblem, PairFile};
 
 /// The end of every help line of a file that cannot be read.
 const RELATIVE: &str = "a relative path is resolved against the directory of the config file, \
@@ -35,6 +35,19 @@ fn help_for(problem: FileProblem, what: &str, cert: &str) -> String {
              `openssl pkey -pubout -in KEY`)"
         ),
         FileProblem::Content => format!("check that the file is the {what} this key takes (PEM)"),
+        FileProblem::Encrypted => "set `key_password_file` to a file whose first line is the \
+                                   key's password, or give the key unencrypted (`openssl pkey \
+                                   -in KEY -out NEW.key`)"
+            .to_string(),
+        FileProblem::WrongPassword => "check that the first line of `key_password_file` is the \
+                                       key's password (`openssl pkey -in KEY -noout` asks for \
+                                       it and says whether it decrypts)"
+            .to_string(),
+        FileProblem::UnsupportedEncryption => "convert the key to encrypted PKCS#8: `openssl \
+                                               pkcs8 -topk8 -v2 aes-256-cbc -in KEY -out \
+                                               NEW.key` (it asks for the old password, then a \
+                                               new one)"
+            .to_string(),
     }
 }
 
@@ -60,49 +73,89 @@ fn crl_help(problem: FileProblem) -> String {
     }
 }
 
-/// A certificate or key problem, as [`cert_key_problems`] reports it.
+/// Help for an OCSP response file with `problem`.
+fn ocsp_help(problem: FileProblem) -> String {
+    match problem {
+        FileProblem::Content => "give the certificate's current OCSP response in DER, as \
+                                 `openssl ocsp -issuer CA -cert CERT -url URL -respout FILE` \
+                                 writes it (a base64 one decodes with `base64 -d`)"
+            .to_string(),
+        other => help_for(other, "OCSP response file", ""),
+    }
+}
+
+/// A certificate, key or key password problem, as [`cert_key_problems`]
+/// reports it.
 struct PairProblem {
-    /// It is the key's (else the certificate's).
-    in_key: bool,
+    /// The file it is in.
+    file: PairFile,
     message: String,
     help: String,
 }
 
-/// The problems of a certificate and its key, as loading them would find
-/// them, each with its message (through `shown`) and help. `cert_key` is the
-/// key that names the certificate (`cert`, `client_cert`).
+impl PairProblem {
+    /// The config key naming the file: `cert_key` (`cert`, `client_cert`),
+    /// `key_key` (`key`, `client_key`) or `key_password_file`.
+    fn key<'a>(&self, cert_key: &'a str, key_key: &'a str) -> &'a str {
+        match self.file {
+            PairFile::Cert => cert_key,
+            PairFile::Key => key_key,
+            PairFile::Password => "key_password_file",
+        }
+    }
+}
+
+/// Whether `file` is read after `stopped` (certificate, key, then password):
+/// a load stopped by `stopped` did not look at it.
+fn file_after(file: PairFile, stopped: PairFile) -> bool {
+    let order = |f| match f {
+        PairFile::Cert => 0,
+        PairFile::Key => 1,
+        PairFile::Password => 2,
+    };
+    order(file) > order(stopped)
+}
+
+/// The problems of a certificate, its key and the key's password file, as
+/// loading them would find them, each with its message (through `shown`) and
+/// help. `cert_key` is the key that names the certificate (`cert`,
+/// `client_cert`).
 fn cert_key_problems(
     cert: &Path,
     key: &Path,
+    password: Option<&Path>,
     cert_key: &str,
     shown: &dyn Fn(&str) -> String,
 ) -> Vec<PairProblem> {
-    let Err(err) = crate::tls::check_certified_key(cert, key) else {
+    let Err(err) = crate::tls::check_certified_key(cert, key, password) else {
         return Vec::new();
     };
-    let what = |in_key| {
-        if in_key {
-            "private key file"
-        } else {
-            "certificate file"
-        }
+    let what = |file| match file {
+        PairFile::Cert => "certificate file",
+        PairFile::Key => "private key file",
+        PairFile::Password => "key password file",
     };
     let mut out = vec![PairProblem {
-        in_key: err.in_key,
+        file: err.file,
         message: shown(&err.to_string()),
-        help: help_for(err.problem, what(err.in_key), cert_key),
+        help: help_for(err.problem, what(err.file), cert_key),
     }];
-    // The certificate stopped the load: a key that cannot be read is reported
-    // too (worded as the loader words it).
-    if !err.in_key {
-        if let Err(e) = std::fs::metadata(key) {
+    // The certificate (or key) stopped the load: a key or password file that
+    // cannot be read is reported too (worded as the loader words it).
+    let later = [(PairFile::Key, Some(key)), (PairFile::Password, password)];
+    for (file, path) in later {
+        let Some(path) = path.filter(|_| file_after(file, err.file)) else {
+            continue;
+        };
+        if let Err(e) = std::fs::metadata(path) {
             out.push(PairProblem {
-                in_key: true,
+                file,
                 message: shown(&format!(
-                    "cannot read private key file `{}`: {e}",
-                    key.display()
+                    "cannot read {} `{}`: {e}",
+                    what(file),
+                    path.display()
                 )),
-                help: help_for(FileProblem::Unreadable, what(true), cert_key),
+                help: help_for(FileProblem::Unreadable, what(file), cert_key),
             });
         }
     }
@@ -128,14 +181,30 @@ impl Config {
             let loc = &l.referenced;
             let l = &l.value;
             let Some(tls) = &l.tls else { continue };
-            for c in &tls.certificates {
-                for p in cert_key_problems(&c.value.cert, &c.value.key, "cert", &shown) {
+            for certificate in &tls.certificates {
+                let c = &certificate.value;
+                let password = c.key_password_file.as_deref();
+                let problems = cert_key_problems(&c.cert, &c.key, password, "cert", &shown);
+                let cert_loads = !problems.iter().any(|p| p.file == PairFile::Cert);
+                for p in problems {
+                    let at = p.key("cert", "key");
                     e.at(
-                        &c.referenced,
+                        &certificate.referenced,
                         format!("listener `{}`: {}", l.name, p.message),
                         p.help,
                     )
-                    .key(if p.in_key { "key" } else { "cert" });
+                    .key(at);
+                }
+                // Checked against the certificate, so only once it loads.
+                if let Some(staple) = c.ocsp_staple.as_deref().filter(|_| cert_loads) {
+                    if let Err(err) = crate::tls::check_ocsp_staple(&c.cert, staple) {
+                        e.at(
+                            &certificate.referenced,
+                            format!("listener `{}`: {}", l.name, shown(&err.to_string())),
+                            ocsp_help(err.problem),
+                        )
+                        .key("ocsp_staple");
+                    }
                 }
             }
             if let Some(auth) = &tls.client_auth {
@@ -174,14 +243,12 @@ impl Config {
                         .key("crl");
                 }
                 if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-                    for p in cert_key_problems(cert, key, "client_cert", &shown) {
+                    let password = tls.key_password_file.as_deref();
+                    for p in cert_key_problems(cert, key, password, "client_cert", &shown) {
+                        let at = p.key("client_cert", "client_key");
                         e.at(loc, format!("cluster `{}`: {}", c.name, p.message), p.help)
                             .key("tls")
-                            .key(if p.in_key {
-                                "client_key"
-                            } else {
-                                "client_cert"
-                            });
+                            .key(at);
                     }
                 }
             }
@@ -220,15 +287,13 @@ impl Config {
                 }
             }
             if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-                for p in cert_key_problems(cert, key, "client_cert", &shown) {
+                let password = tls.key_password_file.as_deref();
+                for p in cert_key_problems(cert, key, password, "client_cert", &shown) {
+                    let at = p.key("client_cert", "client_key");
                     e.top(format!("`kv.tls`: {}", p.message), p.help)
                         .key("kv")
                         .key("tls")
-                        .key(if p.in_key {
-                            "client_key"
-                        } else {
-                            "client_cert"
-                        });
+                        .key(at);
                 }
             }
         }

@@ -1105,6 +1105,12 @@ impl Config {
                 for c in &mut tls.certificates {
                     fix(&mut c.value.cert);
                     fix(&mut c.value.key);
+                    for p in [&mut c.value.key_password_file, &mut c.value.ocsp_staple]
+                        .into_iter()
+                        .flatten()
+                    {
+                        fix(p);
+                    }
                 }
                 if let Some(auth) = &mut tls.client_auth {
                     fix(&mut auth.ca);
@@ -1120,6 +1126,7 @@ impl Config {
                     &mut tls.ca,
                     &mut tls.client_cert,
                     &mut tls.client_key,
+                    &mut tls.key_password_file,
                     &mut tls.crl,
                 ]
                 .into_iter()
@@ -1143,9 +1150,14 @@ impl Config {
         }
         if let Some(tls) = &mut self.kv.tls {
             let tls = &mut tls.value;
-            for p in [&mut tls.ca, &mut tls.client_cert, &mut tls.client_key]
-                .into_iter()
-                .flatten()
+            for p in [
+                &mut tls.ca,
+                &mut tls.client_cert,
+                &mut tls.client_key,
+                &mut tls.key_password_file,
+            ]
+            .into_iter()
+            .flatten()
             {
                 fix(p);
             }

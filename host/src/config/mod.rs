@@ -591,8 +591,18 @@ pub struct ListenerTls {
 pub struct CertificateConfig {
     /// PEM certificate chain file.
     pub cert: PathBuf,
-    /// PEM private key file.
+    /// PEM private key file; an encrypted PKCS#8 key needs `key_password_file`.
     pub key: PathBuf,
+    /// A file whose first line is the password of an encrypted `key` (nginx's
+    /// `ssl_password_file`, Envoy's `password`). Absent = the key is not
+    /// encrypted.
+    #[serde(default)]
+    pub key_password_file: Option<PathBuf>,
+    /// A DER OCSP response for the certificate (`openssl ocsp -respout`),
+    /// stapled to handshakes while it is current (Envoy's `ocsp_staple`,
+    /// nginx's `ssl_stapling_file`). Absent = no stapling.
+    #[serde(default)]
+    pub ocsp_staple: Option<PathBuf>,
     /// SNI names served by this certificate: exact or `*.suffix`. Absent = the names
     /// in the certificate's subjectAltName.
     #[serde(default)]
@@ -1748,6 +1758,10 @@ pub struct UpstreamTls {
     /// Client key (PEM).
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// A file whose first line is the password of an encrypted `client_key`;
+    /// needs `client_key`.
+    #[serde(default)]
+    pub key_password_file: Option<PathBuf>,
     /// PEM file of certificate revocation lists the upstream's certificate is
     /// checked against (needs `ca`); absent = no revocation check.
     #[serde(default)]

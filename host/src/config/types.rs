@@ -616,6 +616,10 @@ pub struct KvTls {
     /// The client certificate's key (PEM).
     #[serde(default)]
     pub client_key: Option<std::path::PathBuf>,
+    /// A file whose first line is the password of an encrypted `client_key`;
+    /// needs `client_key`.
+    #[serde(default)]
+    pub key_password_file: Option<std::path::PathBuf>,
 }
 
 impl Default for KvConfig {

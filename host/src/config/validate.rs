@@ -519,6 +519,17 @@ impl Config {
                 .key("kv")
                 .key("tls");
             }
+            if tls.value.key_password_file.is_some() && tls.value.client_key.is_none() {
+                e.at(
+                    &tls.referenced,
+                    "`kv.tls.key_password_file` without `client_key`",
+                    "the password is of an encrypted `client_key`: add the client certificate \
+                     and its key, or remove `key_password_file`",
+                )
+                .key("kv")
+                .key("tls")
+                .key("key_password_file");
+            }
         }
         if kv.backend != KvBackendKind::Redis {
             return;
@@ -2151,6 +2162,19 @@ fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
                 .key("client_key");
             }
             _ => {}
+        }
+        if tls.key_password_file.is_some() && tls.client_key.is_none() {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}`: `tls.key_password_file` without `client_key`",
+                    c.name
+                ),
+                "the password is of an encrypted `client_key`: add `client_cert` and \
+                 `client_key`, or remove `key_password_file`",
+            )
+            .key("tls")
+            .key("key_password_file");
         }
         let owner = format!("cluster `{}`", c.name);
         validate_tls_params(e, loc, &owner, &tls.cipher_suites, &tls.ecdh_curves, false);

@@ -284,7 +284,8 @@ fn redis_tls(config: &KvConfig) -> anyhow::Result<Option<TlsCertificates>> {
     let client_tls = match (&tls.client_cert, &tls.client_key) {
         (Some(cert), Some(key)) => Some(ClientTlsConfig {
             client_cert: read("client_cert", cert)?,
-            client_key: read("client_key", key)?,
+            client_key: crate::tls::kv_client_key_pem(key, tls.key_password_file.as_deref())
+                .map_err(|e| anyhow::anyhow!("kv.tls.client_key: {e}"))?,
         }),
         _ => None,
     };
