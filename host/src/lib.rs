@@ -13,6 +13,7 @@ pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cluster;
+pub mod compress;
 pub mod config;
 pub mod connection;
 pub mod error;

@@ -35,6 +35,8 @@ pub struct ListenerStats {
     /// Connections closed for a missing, malformed or late PROXY protocol
     /// header (Envoy's `downstream_cx_proxy_proto_error`).
     pub cx_proxy_proto_error: Counter,
+    /// Response compression (`http.compression`).
+    pub compression: crate::compress::CompressionStats,
     /// HTTP connections closed hard because their graceful close (after the
     /// idle timeout, or in a drain) stalled for another idle timeout
     /// ([`crate::connection::serve`]).
@@ -139,6 +141,28 @@ impl ListenerStats {
                 "Connections closed for a missing, malformed or late PROXY protocol header.",
                 &l,
             ),
+            compression: crate::compress::CompressionStats {
+                compressed: stats.counter(
+                    "legate_listener_compressed_total",
+                    "Responses compressed (gzip) by http.compression.",
+                    &l,
+                ),
+                not_accepted: stats.counter(
+                    "legate_listener_compression_not_accepted_total",
+                    "Compressible responses sent uncompressed: the client did not accept gzip.",
+                    &l,
+                ),
+                bytes_in: stats.counter(
+                    "legate_listener_compression_bytes_in_total",
+                    "Body bytes of the compressed responses before compression.",
+                    &l,
+                ),
+                bytes_out: stats.counter(
+                    "legate_listener_compression_bytes_out_total",
+                    "Body bytes of the compressed responses after compression.",
+                    &l,
+                ),
+            },
             cx_close_timeout: stats.counter(
                 "legate_listener_close_timeouts_total",
                 "HTTP connections closed hard: their graceful close (idle timeout, drain) stalled for another idle timeout.",

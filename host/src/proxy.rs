@@ -175,6 +175,14 @@ pub async fn handle(
     // An HTTP/1.1 CONNECT (refused: see `proxy`): the client may send tunnel
     // bytes right after its head, so the refusal closes the connection too.
     let connect_h1 = req.method() == Method::CONNECT && version < Version::HTTP_2;
+    // Read before the request goes on; a listener without compression reads nothing.
+    let gzip_accepted = conn
+        .listener
+        .cfg
+        .http
+        .as_ref()
+        .is_some_and(|h| h.compression.is_some())
+        && crate::compress::accepts_gzip(req.headers());
     let mut in_flight = InFlight {
         conn: Some(conn.clone()),
         start,
@@ -256,6 +264,23 @@ pub async fn handle(
         // Here, after the response filters, so that every answer (upstream, local,
         // error) gets them the same way and no filter changes them.
         add_debug_headers(&conn, out, start, resp.headers_mut());
+    }
+    if let Some(c) = conn
+        .listener
+        .cfg
+        .http
+        .as_ref()
+        .and_then(|h| h.compression.as_ref())
+    {
+        // After the filters: a filter reads and writes the body as the
+        // upstream sent it, and its own answers are compressed too.
+        crate::compress::apply(
+            c,
+            &conn.listener.stats.compression,
+            &in_flight.method,
+            gzip_accepted,
+            &mut resp,
+        );
     }
     if trailers_allowed {
         declare_trailers(&in_flight.method, &mut resp);

@@ -442,6 +442,29 @@ pub struct HttpListener {
     /// frees what a stalled peer would hold forever; `0s` disables.
     #[serde(default = "defaults::stream_idle_timeout")]
     pub stream_idle_timeout: Dur,
+    /// Compress responses with gzip for clients that accept it (Envoy's
+    /// compressor filter, nginx's `gzip on`); absent = never.
+    #[serde(default)]
+    pub compression: Option<Compression>,
+}
+
+/// `listeners[].http.compression`: gzip responses, as Envoy's compressor.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// Responses whose `content-length` is below this are sent as they are.
+    /// Default 30 bytes, as Envoy: gzip's own 18 bytes of framing make smaller
+    /// ones larger.
+    #[serde(default = "defaults::compression_min_length")]
+    pub min_content_length: ByteSize,
+    /// Media types compressed (a response's `content-type` without parameters,
+    /// compared case-insensitively). Default Envoy's list of text types.
+    #[serde(default = "defaults::compression_content_types")]
+    pub content_types: Vec<String>,
+    /// zlib's level, 1 (fastest) to 9 (smallest). Default 6, zlib's and
+    /// Envoy's default.
+    #[serde(default = "defaults::compression_level")]
+    pub level: u32,
 }
 
 /// What `x-forwarded-client-cert` (XFCC) the upstream gets (Envoy's
@@ -1957,6 +1980,26 @@ pub(crate) mod defaults {
     }
     pub fn overprovisioning_factor() -> u32 {
         140
+    }
+    pub fn compression_min_length() -> ByteSize {
+        ByteSize(30)
+    }
+    pub fn compression_content_types() -> Vec<String> {
+        [
+            "application/javascript",
+            "application/json",
+            "application/xhtml+xml",
+            "image/svg+xml",
+            "text/css",
+            "text/html",
+            "text/plain",
+            "text/xml",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn compression_level() -> u32 {
+        6
     }
     pub fn zero() -> Dur {
         Dur::millis(0)

@@ -712,6 +712,42 @@ fn validate_listener(
     match (&l.http, &l.tcp) {
         (Some(h), None) => {
             tables.check(e, &h.routes);
+            if let Some(c) = &h.compression {
+                if !(1..=9).contains(&c.level) {
+                    e.at(
+                        loc,
+                        format!(
+                            "listener `{}`: `compression.level` {} is not from 1 to 9",
+                            l.name, c.level
+                        ),
+                        "1 is the fastest, 9 the smallest; 6 (the default) is zlib's balance",
+                    )
+                    .key("http")
+                    .key("compression")
+                    .key("level");
+                }
+                for t in &c.content_types {
+                    let ok = t.split_once('/').is_some_and(|(a, b)| {
+                        !a.is_empty()
+                            && !b.is_empty()
+                            && t.bytes()
+                                .all(|c| legate_abi_rules::headers::is_tchar(c) || c == b'/')
+                    }) && t.bytes().filter(|&c| c == b'/').count() == 1;
+                    if !ok {
+                        e.at(
+                            loc,
+                            format!(
+                                "listener `{}`: `compression.content_types` entry `{t}` is not a media type",
+                                l.name
+                            ),
+                            "write a type/subtype without parameters, such as `application/json`",
+                        )
+                        .key("http")
+                        .key("compression")
+                        .key("content_types");
+                    }
+                }
+            }
             if let Some(via) = &h.via {
                 if via.is_empty() || http::HeaderValue::from_str(via).is_err() {
                     e.at(

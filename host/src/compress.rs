@@ -1,0 +1,418 @@
+//! Response compression (`listeners[].http.compression`): gzip for clients that
+//! accept it, as Envoy's compressor filter and nginx's `gzip on` do.
+//!
+//! Decided once per response, after the response filters and before the head
+//! goes out: the request's `accept-encoding` must accept gzip, and the response
+//! must be a compressible one (a listed media type, not already encoded, not
+//! `no-transform`, not a range, long enough). Its body is then wrapped in
+//! [`Gzip`], which compresses each chunk as it passes and flushes it (zlib's sync
+//! flush), so a streamed response reaches the client as the upstream sends it;
+//! the head loses its `content-length`, and gains `content-encoding: gzip` and
+//! `vary: accept-encoding`; a strong `etag` becomes weak, as in Envoy.
+
+use std::io::Write as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use flate2::write::GzEncoder;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame};
+
+use crate::body::{self, Body, BoxError};
+use crate::config::Compression;
+use crate::stats::Counter;
+
+/// The counters of a listener's compression.
+#[derive(Clone, Default)]
+pub struct CompressionStats {
+    /// Responses compressed.
+    pub compressed: Counter,
+    /// Compressible responses sent as they were: the client did not accept gzip.
+    pub not_accepted: Counter,
+    /// Bytes of the compressed responses' bodies before compression.
+    pub bytes_in: Counter,
+    /// The same bodies' bytes after it.
+    pub bytes_out: Counter,
+}
+
+/// Whether `accept-encoding` values accept gzip: a `gzip` (or `x-gzip`) coding
+/// with a nonzero `q`, or `*` with one and no `gzip;q=0` (RFC 9110 §12.5.3).
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut star = false;
+    for value in headers.get_all(header::ACCEPT_ENCODING) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or_default().trim();
+            let q = parts
+                .filter_map(|p| p.trim().split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok());
+            // A weight that does not parse accepts nothing.
+            let accepted = q.is_some_and(|q| q > 0.0);
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                return accepted;
+            }
+            if coding == "*" {
+                star = accepted;
+            }
+        }
+    }
+    star
+}
+
+/// Whether a response to `method` with this head may be compressed at all
+/// (whatever the client accepts).
+fn compressible(cfg: &Compression, method: &Method, resp: &Response<Body>) -> bool {
+    let status = resp.status();
+    if method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || resp.body().is_end_stream()
+    {
+        return false;
+    }
+    let h = resp.headers();
+    let encoded = h
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let no_transform = h.get_all(header::CACHE_CONTROL).iter().any(|v| {
+        legate_abi_rules::headers::list_items(v.as_bytes())
+            .any(|d| d.eq_ignore_ascii_case(b"no-transform"))
+    });
+    if encoded || no_transform || h.contains_key(header::CONTENT_RANGE) {
+        return false;
+    }
+    let short = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n < cfg.min_content_length.0);
+    if short {
+        return false;
+    }
+    let Some(media) = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim())
+    else {
+        return false;
+    };
+    cfg.content_types
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(media))
+}
+
+/// Compresses `resp` if it and the client (`accepts`: [`accepts_gzip`] of the
+/// request) allow, counting in `stats`.
+pub fn apply(
+    cfg: &Compression,
+    stats: &CompressionStats,
+    method: &Method,
+    accepts: bool,
+    resp: &mut Response<Body>,
+) {
+    if !compressible(cfg, method, resp) {
+        return;
+    }
+    let h = resp.headers_mut();
+    // Whether or not it is compressed here, the answer depends on the
+    // request's accept-encoding: caches must key on it.
+    let varies = h.get_all(header::VARY).iter().any(|v| {
+        legate_abi_rules::headers::list_items(v.as_bytes())
+            .any(|t| t == b"*" || t.eq_ignore_ascii_case(b"accept-encoding"))
+    });
+    if !varies {
+        h.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    if !accepts {
+        stats.not_accepted.inc();
+        return;
+    }
+    stats.compressed.inc();
+    h.remove(header::CONTENT_LENGTH);
+    h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    // Another representation: a strong validator no longer holds (RFC 9110
+    // §8.8.1), a weak one does.
+    if let Some(etag) = h.get(header::ETAG) {
+        if !etag.as_bytes().starts_with(b"W/") {
+            let mut weak = b"W/".to_vec();
+            weak.extend_from_slice(etag.as_bytes());
+            if let Ok(weak) = HeaderValue::from_bytes(&weak) {
+                h.insert(header::ETAG, weak);
+            }
+        }
+    }
+    let inner = std::mem::replace(resp.body_mut(), body::empty());
+    *resp.body_mut() = body::boxed(Gzip {
+        inner,
+        encoder: Some(GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::new(cfg.level.clamp(1, 9)),
+        )),
+        trailers: None,
+        stats: stats.clone(),
+        bytes_in: 0,
+        bytes_out: 0,
+    });
+}
+
+/// A body compressed as it streams.
+struct Gzip {
+    inner: Body,
+    /// `None` once the gzip stream is finished.
+    encoder: Option<GzEncoder<Vec<u8>>>,
+    /// The inner body's trailers, sent after the gzip stream's end.
+    trailers: Option<HeaderMap>,
+    stats: CompressionStats,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Gzip {
+    /// What the encoder has produced so far.
+    fn take_output(&mut self) -> Bytes {
+        let out = self
+            .encoder
+            .as_mut()
+            .map(|e| std::mem::take(e.get_mut()))
+            .unwrap_or_default();
+        self.bytes_out += out.len() as u64;
+        Bytes::from(out)
+    }
+
+    /// Ends the gzip stream: what is left of it (the trailer with the CRC).
+    fn finish(&mut self) -> Result<Bytes, BoxError> {
+        let Some(encoder) = self.encoder.take() else {
+            return Ok(Bytes::new());
+        };
+        let out = encoder.finish()?;
+        self.bytes_out += out.len() as u64;
+        Ok(Bytes::from(out))
+    }
+}
+
+impl Drop for Gzip {
+    fn drop(&mut self) {
+        self.stats.bytes_in.add(self.bytes_in);
+        self.stats.bytes_out.add(self.bytes_out);
+    }
+}
+
+impl HttpBody for Gzip {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(encoder) = this.encoder.as_mut() else {
+                // The gzip stream went out; then the trailers, if any.
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            };
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        this.bytes_in += data.len() as u64;
+                        encoder.write_all(&data)?;
+                        // A sync flush: what came goes on now (a streamed
+                        // response is not held back), at a few bytes each.
+                        encoder.flush()?;
+                        let out = this.take_output();
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            this.trailers = Some(t);
+                        }
+                        let out = this.finish()?;
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    let out = this.finish()?;
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.encoder.is_none() && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+    use std::io::Read as _;
+
+    fn cfg() -> Compression {
+        serde_saphyr::from_str("{}").unwrap()
+    }
+
+    fn stats() -> CompressionStats {
+        CompressionStats::default()
+    }
+
+    fn accept(v: &str) -> bool {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+        accepts_gzip(&h)
+    }
+
+    #[test]
+    fn what_accepts_gzip() {
+        assert!(accept("gzip"));
+        assert!(accept("br, gzip;q=0.5"));
+        assert!(accept("GZIP"));
+        assert!(accept("x-gzip"));
+        assert!(accept("*"));
+        assert!(!accept("gzip;q=0"));
+        assert!(!accept("*, gzip;q=0"));
+        assert!(!accept("gzip;q=0, *"));
+        assert!(!accept("br, identity"));
+        assert!(!accept("gzip;q=x"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
+
+    fn response(headers: &[(&str, &str)], body: &'static str) -> Response<Body> {
+        let mut r = Response::new(body::full(body));
+        for (k, v) in headers {
+            r.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        r
+    }
+
+    const TEXT: &str = "hello hello hello hello hello hello hello hello hello hello";
+
+    #[tokio::test]
+    async fn a_compressed_body_is_gzip_of_the_original() {
+        let s = stats();
+        let mut r = response(
+            &[
+                ("content-type", "text/html; charset=utf-8"),
+                ("content-length", "59"),
+                ("etag", "\"v1\""),
+            ],
+            TEXT,
+        );
+        apply(&cfg(), &s, &Method::GET, true, &mut r);
+        assert_eq!(r.headers()["content-encoding"], "gzip");
+        assert_eq!(r.headers()["vary"], "accept-encoding");
+        assert_eq!(r.headers()["etag"], "W/\"v1\"");
+        assert!(!r.headers().contains_key("content-length"));
+        let zipped = r.into_body().collect().await.unwrap().to_bytes();
+        let mut plain = String::new();
+        flate2::read::GzDecoder::new(&zipped[..])
+            .read_to_string(&mut plain)
+            .unwrap();
+        assert_eq!(plain, TEXT);
+        assert_eq!(s.compressed.get(), 1);
+        assert_eq!(s.bytes_in.get(), TEXT.len() as u64);
+        assert_eq!(s.bytes_out.get(), zipped.len() as u64);
+    }
+
+    #[test]
+    fn what_is_left_alone() {
+        let s = stats();
+        type Case<'a> = (&'a [(&'a str, &'a str)], Method, StatusCode);
+        let cases: &[Case<'_>] = &[
+            (
+                &[("content-type", "image/png")],
+                Method::GET,
+                StatusCode::OK,
+            ),
+            (&[], Method::GET, StatusCode::OK),
+            (
+                &[("content-type", "text/html"), ("content-encoding", "br")],
+                Method::GET,
+                StatusCode::OK,
+            ),
+            (
+                &[
+                    ("content-type", "text/html"),
+                    ("cache-control", "public, no-transform"),
+                ],
+                Method::GET,
+                StatusCode::OK,
+            ),
+            (
+                &[("content-type", "text/html"), ("content-length", "29")],
+                Method::GET,
+                StatusCode::OK,
+            ),
+            (
+                &[("content-type", "text/html")],
+                Method::HEAD,
+                StatusCode::OK,
+            ),
+            (
+                &[
+                    ("content-type", "text/html"),
+                    ("content-range", "bytes 0-1/59"),
+                ],
+                Method::GET,
+                StatusCode::PARTIAL_CONTENT,
+            ),
+        ];
+        for (headers, method, status) in cases {
+            let mut r = response(headers, TEXT);
+            *r.status_mut() = *status;
+            apply(&cfg(), &s, method, true, &mut r);
+            assert!(
+                !r.headers().contains_key("content-encoding")
+                    || r.headers()["content-encoding"] == "br",
+                "{headers:?}"
+            );
+            assert!(!r.headers().contains_key("vary"), "{headers:?}");
+        }
+        assert_eq!(s.compressed.get(), 0);
+        // Compressible, but not accepted: as it was, with `vary`.
+        let mut r = response(
+            &[("content-type", "application/json"), ("vary", "origin")],
+            TEXT,
+        );
+        apply(&cfg(), &s, &Method::GET, false, &mut r);
+        assert!(!r.headers().contains_key("content-encoding"));
+        let vary: Vec<_> = r.headers().get_all("vary").iter().collect();
+        assert_eq!(vary, ["origin", "accept-encoding"]);
+        assert_eq!(s.not_accepted.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn trailers_follow_the_gzip_stream() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter([
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(TEXT.as_bytes()))),
+            Ok(Frame::trailers(t)),
+        ]));
+        let mut r = Response::new(body::boxed(inner));
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("text/plain"));
+        apply(&cfg(), &stats(), &Method::GET, true, &mut r);
+        let all = r.into_body().collect().await.unwrap();
+        assert_eq!(all.trailers().unwrap()["grpc-status"], "0");
+        let mut plain = String::new();
+        flate2::read::GzDecoder::new(&all.to_bytes()[..])
+            .read_to_string(&mut plain)
+            .unwrap();
+        assert_eq!(plain, TEXT);
+    }
+}
