@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod compress;
 pub mod config;
 pub mod connection;
+pub mod cors;
 pub mod error;
 pub mod filter;
 pub mod head;

@@ -63,6 +63,8 @@ use crate::worker::RouteStats;
 /// The access log's cause (and `on-log`'s) for a route's own answer, a
 /// `direct_response` or a `redirect`: Envoy's response code details for both.
 const DIRECT_RESPONSE: &str = "direct_response";
+/// The access log's cause for a CORS preflight Legate answered.
+const CORS_PREFLIGHT: &str = "cors_preflight";
 
 /// What the access log and stats learn about a request as it goes.
 #[derive(Default)]
@@ -100,6 +102,9 @@ struct Outcome {
     /// did ([`DIRECT_RESPONSE`]): the access log's cause (abi/README.md §3.5)
     /// when the host gave none.
     local: Option<String>,
+    /// The CORS policy that allowed the request's origin: its response gets
+    /// the policy's headers ([`crate::cors`]).
+    cors: Option<crate::cors::Allowed>,
     /// The client trusted proxies reported (`xff_num_trusted_hops`), if not
     /// the peer: as Envoy's downstream remote address, what `hash_on:
     /// {source_ip}` hashes and the access log's `client`, as filters see it.
@@ -264,6 +269,11 @@ pub async fn handle(
         // Here, after the response filters, so that every answer (upstream, local,
         // error) gets them the same way and no filter changes them.
         add_debug_headers(&conn, out, start, resp.headers_mut());
+    }
+    if let Some((policy, origin)) = out.cors.take() {
+        // Whatever answered (the upstream, a filter, an error): the browser
+        // may read it.
+        policy.respond(&origin, resp.headers_mut());
     }
     if let Some(c) = conn
         .listener
@@ -583,6 +593,30 @@ async fn proxy(
         if let Err(e) = check_upgrade(token, m.as_ref().map(|m| m.route), http, &listener.stats) {
             out.route = m.as_ref().map(|m| m.route.id.clone());
             return Err(routed_error(e, m.as_ref(), http.via.as_deref()));
+        }
+    }
+    if table.has_cors() && req.headers().contains_key(header::ORIGIN) {
+        // Before the filters, as Envoy's CORS filter comes first: a preflight
+        // needs no credentials, so authentication must not refuse it.
+        let input = RouteInput {
+            method: req.method(),
+            uri: req.uri(),
+            authority: &authority,
+            headers: req.headers(),
+            scheme_https: https,
+            client_cert,
+        };
+        if let Some(m) = table.route(&input) {
+            let allowed = m.cors().and_then(|p| p.check(&req));
+            if let Some((policy, origin)) = &allowed {
+                if crate::cors::is_preflight(&req) {
+                    out.route = Some(m.route.id.clone());
+                    out.local = Some(CORS_PREFLIGHT.to_string());
+                    let resp = policy.preflight(origin);
+                    return route_reply(out, &m, http.via.as_deref(), resp).await;
+                }
+            }
+            out.cors = allowed;
         }
     }
     let mut authority = authority;

@@ -87,6 +87,9 @@ pub struct RouteTable {
     name: Name,
     vhosts: Box<[VirtualHost]>,
     domains: DomainIndex,
+    /// Whether a virtual host or route has a `cors` policy: only then is a
+    /// request with an `origin` matched before the filters ([`crate::cors`]).
+    has_cors: bool,
 }
 
 /// What the router needs to know about a request.
@@ -124,6 +127,7 @@ pub struct VirtualHost {
     routes: Box<[Route]>,
     request_headers: HeaderOps,
     response_headers: HeaderOps,
+    cors: Option<Arc<crate::cors::Policy>>,
 }
 
 /// Where a route is: its route table, virtual host and name. Together they
@@ -174,6 +178,7 @@ pub struct Route {
     host_rewrite: Option<HeaderValue>,
     request_headers: HeaderOps,
     response_headers: HeaderOps,
+    cors: Option<Arc<crate::cors::Policy>>,
 }
 
 /// What a route does with a request.
@@ -948,12 +953,21 @@ impl RouteTable {
                     )
                 })
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<anyhow::Result<Box<[VirtualHost]>>>()?;
+        let has_cors = vhosts
+            .iter()
+            .any(|v| v.cors.is_some() || v.routes.iter().any(|r| r.cors.is_some()));
         Ok(RouteTable {
             name: cfg.name.clone(),
             vhosts,
             domains: DomainIndex::build(&cfg.virtual_hosts),
+            has_cors,
         })
+    }
+
+    /// Whether any route here has a CORS policy.
+    pub fn has_cors(&self) -> bool {
+        self.has_cors
     }
 
     /// The table's config name.
@@ -1007,6 +1021,12 @@ impl VirtualHost {
             routes,
             request_headers: HeaderOps::new(&cfg.request_headers).context("request_headers")?,
             response_headers: HeaderOps::new(&cfg.response_headers).context("response_headers")?,
+            cors: cfg
+                .cors
+                .as_ref()
+                .map(crate::cors::Policy::new)
+                .transpose()
+                .context("cors")?,
         })
     }
 
@@ -1103,6 +1123,12 @@ impl Route {
             host_rewrite,
             request_headers: HeaderOps::new(&cfg.request_headers).context("request_headers")?,
             response_headers: HeaderOps::new(&cfg.response_headers).context("response_headers")?,
+            cors: cfg
+                .cors
+                .as_ref()
+                .map(crate::cors::Policy::new)
+                .transpose()
+                .context("cors")?,
         })
     }
 
@@ -1178,6 +1204,11 @@ fn compile_redirect(r: &config::Redirect, m: &config::RouteMatch) -> anyhow::Res
 }
 
 impl Matched<'_> {
+    /// The CORS policy in force: the route's, else its virtual host's.
+    pub fn cors(&self) -> Option<&Arc<crate::cors::Policy>> {
+        self.route.cors.as_ref().or(self.vhost.cors.as_ref())
+    }
+
     /// New path-and-query to send upstream if the route rewrites the path (prefix or
     /// regex rewrite; the query is preserved); `None` = forward the path as is. A
     /// rewritten path always starts with `/` (one is put in front if the rewrite

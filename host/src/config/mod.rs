@@ -801,6 +801,39 @@ pub struct VirtualHost {
     /// Headers changed in responses of every route here (after the route's own).
     #[serde(default)]
     pub response_headers: HeaderOps,
+    /// The CORS policy of every route here without its own (Envoy's virtual host
+    /// `cors`); absent = none: requests pass as they are.
+    #[serde(default)]
+    pub cors: Option<Cors>,
+}
+
+/// A CORS policy (Envoy's `CorsPolicy`): which origins a browser may call the
+/// routes from, answered by Legate for preflights and added to responses.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cors {
+    /// Origins allowed, each a string condition on the request's `origin`
+    /// (`{ exact: "*" }` allows any). Required, not empty.
+    pub allow_origins: Vec<StringMatch>,
+    /// `access-control-allow-methods` of a preflight's answer. Default none:
+    /// only the CORS-safelisted methods (GET, HEAD, POST).
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    /// `access-control-allow-headers` of a preflight's answer. Default none:
+    /// only the CORS-safelisted request headers.
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    /// `access-control-expose-headers` of a response. Default none.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// `access-control-max-age` of a preflight's answer; absent = none (the
+    /// browser's default, 5 seconds).
+    #[serde(default)]
+    pub max_age: Option<Dur>,
+    /// `access-control-allow-credentials: true`: cookies and authorization may
+    /// be sent. Default false.
+    #[serde(default)]
+    pub allow_credentials: bool,
 }
 
 /// Header manipulation: remove, then set, then add.
@@ -890,6 +923,10 @@ pub struct Route {
     /// Per-route overrides of the listener's filters, by plugin name.
     #[serde(default)]
     pub filters: BTreeMap<Name, RouteFilter>,
+    /// This route's CORS policy, replacing its virtual host's; absent = the
+    /// virtual host's.
+    #[serde(default)]
+    pub cors: Option<Cors>,
     /// Per-route overrides of the listener's `http.upgrades`, by upgrade type:
     /// `true` tunnels it on this route even if the listener does not list it,
     /// `false` refuses it here (Envoy's route `upgrade_configs` with `enabled`).
@@ -2328,6 +2365,21 @@ clusters:
                     format!("{ROUTE}.filters.headers"),
                 ],
                 fields::<RouteFilter>(),
+            ),
+            (
+                "`listeners[].http.compression`",
+                at(&["listeners.http.compression"]),
+                fields::<Compression>(),
+            ),
+            (
+                "`listeners[].proxy_protocol`",
+                at(&["listeners.proxy_protocol"]),
+                fields::<ProxyProtocol>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].cors`",
+                vec!["routes.virtual_hosts.cors".into(), format!("{ROUTE}.cors")],
+                fields::<Cors>(),
             ),
             (
                 "`listeners[].tcp`",

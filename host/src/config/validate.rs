@@ -1034,6 +1034,9 @@ fn validate_route_table(e: &mut Issues, t: &Spanned<RouteTable>, clusters: &Defi
         );
         header_ops(e, &vh.request_headers, vh_loc, "request_headers");
         header_ops(e, &vh.response_headers, vh_loc, "response_headers");
+        if let Some(c) = &vh.cors {
+            validate_cors(e, vh_loc, c);
+        }
         for r in &vh.routes {
             validate_route(e, r, clusters);
         }
@@ -1248,9 +1251,57 @@ fn validate_plugin(e: &mut Issues, p: &Spanned<Plugin>, clusters: &Defined<'_>) 
     }
 }
 
+/// A `cors` policy (of a virtual host or a route, at `loc`).
+fn validate_cors(e: &mut Issues, loc: &Location, c: &crate::config::Cors) {
+    if c.allow_origins.is_empty() {
+        e.at(
+            loc,
+            "`cors.allow_origins` is empty, so no origin is allowed",
+            "list the origins, e.g. `[{ exact: \"https://app.example.com\" }]`, or `[{ exact: \"*\" }]` for any",
+        )
+        .key("cors")
+        .key("allow_origins");
+    }
+    for (i, o) in c.allow_origins.iter().enumerate() {
+        validate_string_match(e, loc, "a `cors.allow_origins` entry", o, &|issue| {
+            issue.key("cors").key("allow_origins").index(i);
+        });
+    }
+    for m in &c.allow_methods {
+        if m.is_empty() || !m.bytes().all(legate_abi_rules::headers::is_tchar) {
+            e.at(
+                loc,
+                format!("`cors.allow_methods` entry `{m}` is not a method"),
+                "methods are tokens such as `PUT` or `DELETE`",
+            )
+            .key("cors")
+            .key("allow_methods");
+        }
+    }
+    for (key, list) in [
+        ("allow_headers", &c.allow_headers),
+        ("expose_headers", &c.expose_headers),
+    ] {
+        for h in list {
+            if h != "*" && http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                e.at(
+                    loc,
+                    format!("`cors.{key}` entry `{h}` is not a header name"),
+                    "header names are tokens such as `authorization` or `x-request-id` (or `*`)",
+                )
+                .key("cors")
+                .key(key);
+            }
+        }
+    }
+}
+
 fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
     let loc = &r.referenced;
     let r = &r.value;
+    if let Some(c) = &r.cors {
+        validate_cors(e, loc, c);
+    }
     let mut seen: Vec<&str> = Vec::new();
     for t in r.upgrades.keys() {
         let problem = upgrade_type_problem(t).or_else(|| {
