@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use legate_tests::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -1462,4 +1463,108 @@ clusters:
         .or_else(|| failure.strip_prefix("connection error: "))
         .unwrap_or_else(|| panic!("{h}"));
     assert!(why.len() > 5, "{h}");
+}
+
+/// A gRPC server's health service: `Check` answers `status` (1 SERVING, 2
+/// NOT_SERVING) for the service `api`, and gRPC NOT_FOUND (5) for any other,
+/// as grpc-go's health server does; records the `:authority` it was asked with.
+async fn grpc_health_server(
+    status: &Arc<AtomicU64>,
+    seen: &Arc<Mutex<Vec<String>>>,
+) -> UpstreamHandle {
+    let (status, seen) = (status.clone(), seen.clone());
+    upstream()
+        .h2()
+        .route(
+            "/grpc.health.v1.Health/Check",
+            move |req: Request<Incoming>| {
+                let (status, seen) = (status.clone(), seen.clone());
+                async move {
+                    let authority = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    seen.lock().unwrap().push(authority);
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    // HealthCheckRequest { service: "api" }: 0x0a 3 "api".
+                    let known = body.get(5..) == Some(&b"\x0a\x03api"[..]);
+                    let mut trailers = http::HeaderMap::new();
+                    let frames: Vec<Result<hyper::body::Frame<Bytes>, BoxError>> = if known {
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let msg = [0x08, status.load(Ordering::SeqCst) as u8];
+                        vec![
+                            Ok(hyper::body::Frame::data(grpc_frame(&msg))),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ]
+                    } else {
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("5"));
+                        trailers.insert(
+                            "grpc-message",
+                            http::HeaderValue::from_static("unknown service"),
+                        );
+                        vec![Ok(hyper::body::Frame::trailers(trailers))]
+                    };
+                    let mut r = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(
+                        futures_util::stream::iter(frames),
+                    )));
+                    r.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    r
+                }
+            },
+        )
+        .start()
+        .await
+}
+
+/// `grpc` health checks (Envoy's `grpc_health_check`): an endpoint whose health
+/// service answers NOT_SERVING for the configured service leaves rotation
+/// after `unhealthy_threshold` checks and comes back when it serves again; an
+/// unknown service is a failure naming the gRPC status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_checks_follow_the_serving_status() {
+    let status = Arc::new(AtomicU64::new(1));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let up = grpc_health_server(&status, &seen).await;
+    let cfg = |service: &str| {
+        format!(
+            "version: 1
+clusters:
+  - name: backend
+    protocol: h2
+    endpoints: [{{ address: \"{}\" }}]
+    health_check:
+      grpc: {{ service_name: {service}, authority: health.internal }}
+      interval: 30ms
+      unhealthy_threshold: 2
+      healthy_threshold: 1
+",
+            up.addr
+        )
+    };
+    let lg = legate().config(&cfg("api")).start();
+    let healthy = stat("membership_healthy", "backend");
+    until_stat(&lg, &stat("health_check_success", "backend"), 2.0).await;
+    assert_eq!(lg.stat(&healthy).await, Some(1.0));
+    assert_eq!(seen.lock().unwrap()[0], "health.internal");
+    status.store(2, Ordering::SeqCst);
+    until_stat(&lg, &healthy, 0.0).await;
+    let h = endpoint_health(&lg, up.addr).await;
+    assert_eq!(
+        h["last_health_check_failure"], "serving status NOT_SERVING",
+        "{h}"
+    );
+    status.store(1, Ordering::SeqCst);
+    until_stat(&lg, &healthy, 1.0).await;
+
+    let lg = legate().config(&cfg("other")).start();
+    until_stat(&lg, &healthy, 0.0).await;
+    let h = endpoint_health(&lg, up.addr).await;
+    assert_eq!(
+        h["last_health_check_failure"], "gRPC status 5 (unknown service)",
+        "{h}"
+    );
 }

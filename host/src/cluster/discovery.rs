@@ -919,7 +919,7 @@ mod tests {
             &tcp,
         );
         assert!(
-            e.starts_with("eps.yaml:2:47: endpoint `10.0.0.1:5432` of cluster `db`: `health_check.host` without an HTTP check"),
+            e.starts_with("eps.yaml:2:47: endpoint `10.0.0.1:5432` of cluster `db`: `health_check.host` without an HTTP or gRPC check"),
             "{e}"
         );
         let e = err(

@@ -49,7 +49,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::{Cluster, Endpoint};
-use crate::config::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
+use crate::config::{GrpcHealthCheck, HealthCheck, HttpHealthCheck, TcpHealthCheck};
 use crate::io::Conn;
 use crate::server::ClusterEntry;
 use crate::upstream::{self, Target};
@@ -392,6 +392,14 @@ async fn check_once(
     let (conn, h2) = upstream::open_unpooled(&entry.upstream, &target)
         .await
         .map_err(|e| Failure::Network(e.detail))?;
+    if let Some(grpc) = &hc.grpc {
+        let authority = own
+            .and_then(|o| o.host.as_deref())
+            .or(grpc.authority.as_deref())
+            .unwrap_or(cluster.config.name.as_str());
+        let tls = cluster.config.tls.is_some();
+        return grpc_check(conn, h2, tls, authority, grpc).await;
+    }
     match (&hc.http, &hc.tcp) {
         (Some(http), _) => {
             let tls = cluster.config.tls.is_some();
@@ -467,6 +475,164 @@ async fn http_check(
     }
 }
 
+/// `grpc.health.v1.Health/Check` for `cfg.service_name`: healthy when the call
+/// succeeds (`grpc-status: 0`) with status `SERVING`, as Envoy's gRPC checker.
+/// Failures count toward `unhealthy_threshold` (unlike an HTTP check's
+/// unexpected status, which Envoy takes as final).
+async fn grpc_check(
+    conn: Conn,
+    h2: bool,
+    tls: bool,
+    authority: &str,
+    cfg: &GrpcHealthCheck,
+) -> Result<(), Failure> {
+    use http_body_util::{BodyExt as _, Full};
+    if !h2 {
+        return Err(Failure::Network(
+            "the connection is not HTTP/2 (ALPN chose HTTP/1.1), which gRPC needs".into(),
+        ));
+    }
+    let net = |e: hyper::Error| Failure::Network(refused_or(&e, with_causes(&e)));
+    let bad = |e: http::Error| Failure::Network(format!("cannot build the request: {e}"));
+    let answer = |reason: String| Failure::Answer {
+        reason,
+        immediate: false,
+    };
+    let (mut sender, driver) = http2::Builder::new(LocalExec)
+        .handshake::<_, Full<Bytes>>(TokioIo::new(conn))
+        .await
+        .map_err(net)?;
+    let driver = tokio::task::spawn_local(driver);
+    let uri = Uri::builder()
+        .scheme(if tls { "https" } else { "http" })
+        .authority(authority)
+        .path_and_query("/grpc.health.v1.Health/Check")
+        .build()
+        .map_err(bad)?;
+    let req = Request::post(uri)
+        .version(http::Version::HTTP_2)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header(header::TE, "trailers")
+        .header(header::USER_AGENT, "legate-health-check")
+        .body(Full::new(grpc_health_request(&cfg.service_name)))
+        .map_err(bad)?;
+    let result = async {
+        let resp = sender.send_request(req).await.map_err(net)?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(answer(format!("HTTP status {}", resp.status().as_u16())));
+        }
+        // A trailers-only answer has its status in the head.
+        let head_status = resp.headers().get("grpc-status").cloned();
+        let collected = resp.into_body().collect().await.map_err(net)?;
+        let trailers = collected.trailers().cloned();
+        let status = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status").cloned())
+            .or(head_status);
+        match status.as_ref().map(http::HeaderValue::as_bytes) {
+            Some(b"0") => {}
+            Some(code) => {
+                let message = trailers
+                    .as_ref()
+                    .and_then(|t| t.get("grpc-message"))
+                    .and_then(|m| m.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                return Err(answer(format!(
+                    "gRPC status {}{}",
+                    String::from_utf8_lossy(code),
+                    if message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({message})")
+                    }
+                )));
+            }
+            None => return Err(answer("gRPC answer without grpc-status".into())),
+        }
+        match grpc_serving_status(&collected.to_bytes()) {
+            Some(1) => Ok(()),
+            Some(n) => Err(answer(format!(
+                "serving status {}",
+                match n {
+                    0 => "UNKNOWN",
+                    2 => "NOT_SERVING",
+                    3 => "SERVICE_UNKNOWN",
+                    _ => "unknown to Legate",
+                }
+            ))),
+            None => Err(answer("malformed HealthCheckResponse".into())),
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// A gRPC message frame of `HealthCheckRequest { service }`.
+fn grpc_health_request(service: &str) -> Bytes {
+    let mut msg = Vec::new();
+    if !service.is_empty() {
+        msg.push(0x0a); // field 1, length-delimited
+        let mut n = service.len();
+        while n >= 0x80 {
+            msg.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        msg.push(n as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    Bytes::from(frame)
+}
+
+/// `HealthCheckResponse.status` (field 1, an enum) of the one message in a
+/// gRPC body; 0 (`UNKNOWN`) when the field is absent, as proto3 reads it;
+/// `None` when the body is not one well-formed uncompressed message.
+fn grpc_serving_status(body: &[u8]) -> Option<u64> {
+    let (&flag, rest) = body.split_first()?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let msg = rest.get(4..4 + len)?;
+    if flag != 0 || rest.len() != 4 + len {
+        return None;
+    }
+    let varint = |b: &[u8], at: &mut usize| -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    };
+    let mut at = 0;
+    let mut status = 0;
+    while at < msg.len() {
+        let key = varint(msg, &mut at)?;
+        match key & 7 {
+            0 => {
+                let v = varint(msg, &mut at)?;
+                if key >> 3 == 1 {
+                    status = v;
+                }
+            }
+            1 => at += 8,
+            2 => {
+                let n = usize::try_from(varint(msg, &mut at)?).ok()?;
+                at = at.checked_add(n)?;
+            }
+            5 => at += 4,
+            _ => return None,
+        }
+    }
+    (at == msg.len()).then_some(status)
+}
+
 /// A TLS alert on the check's first read is the upstream refusing the TLS
 /// handshake after Legate's side completed it (with TLS 1.3, the client
 /// certificate): said as the handshake failure it is; else `text`.
@@ -532,6 +698,32 @@ async fn tcp_check(mut conn: Conn, cfg: &TcpHealthCheck) -> Result<(), Failure> 
 mod tests {
     use super::*;
     use crate::cluster::tests::weighted;
+
+    #[test]
+    fn grpc_health_messages() {
+        // HealthCheckRequest { service: "api" }, framed.
+        assert_eq!(
+            &grpc_health_request("api")[..],
+            &[0, 0, 0, 0, 5, 0x0a, 3, b'a', b'p', b'i']
+        );
+        assert_eq!(&grpc_health_request("")[..], &[0, 0, 0, 0, 0]);
+        let long = "s".repeat(200);
+        assert_eq!(&grpc_health_request(&long)[5..8], &[0x0a, 0xc8, 0x01]);
+        // HealthCheckResponse { status: SERVING }, NOT_SERVING, empty (UNKNOWN).
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 2, 0x08, 1]), Some(1));
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 0]), Some(0));
+        // An unknown field before it is skipped.
+        assert_eq!(
+            grpc_serving_status(&[0, 0, 0, 0, 5, 0x12, 1, b'x', 0x08, 1]),
+            Some(1)
+        );
+        // Compressed, cut short, trailing bytes, a truncated varint.
+        assert_eq!(grpc_serving_status(&[1, 0, 0, 0, 2, 0x08, 1]), None);
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 3, 0x08, 1]), None);
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 2, 0x08, 1, 9]), None);
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 2, 0x08, 0x81]), None);
+    }
 
     #[test]
     fn flags_keep_membership_in_step() {

@@ -866,9 +866,10 @@ impl Cluster {
         m.insert("original_dst".into(), self.config.original_dst.into());
         m.insert(
             "health_check".into(),
-            match self.config.health_check.as_ref().map(|h| h.http.is_some()) {
-                Some(true) => "http",
-                Some(false) => "tcp",
+            match self.config.health_check.as_ref() {
+                Some(h) if h.http.is_some() => "http",
+                Some(h) if h.grpc.is_some() => "grpc",
+                Some(_) => "tcp",
                 None => "none",
             }
             .into(),

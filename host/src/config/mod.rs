@@ -1498,6 +1498,9 @@ pub struct HealthCheck {
     /// A TCP connect, optionally sending bytes and expecting bytes back.
     #[serde(default)]
     pub tcp: Option<TcpHealthCheck>,
+    /// A gRPC `grpc.health.v1.Health/Check` call that must answer `SERVING`.
+    #[serde(default)]
+    pub grpc: Option<GrpcHealthCheck>,
     /// Time between two checks of one endpoint. Default 5s.
     #[serde(default = "defaults::hc_interval")]
     pub interval: Dur,
@@ -1515,6 +1518,19 @@ pub struct HealthCheck {
     /// HTTP answer with an unexpected status takes it out at once, as in Envoy.
     #[serde(default = "defaults::hc_unhealthy_threshold")]
     pub unhealthy_threshold: u32,
+}
+
+/// A gRPC health check (Envoy's `grpc_health_check`): the standard health
+/// service's `Check`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcHealthCheck {
+    /// The `service` asked about; default empty: the server as a whole.
+    #[serde(default)]
+    pub service_name: String,
+    /// `:authority` sent. Default: the cluster's name, as Envoy.
+    #[serde(default)]
+    pub authority: Option<String>,
 }
 
 /// An HTTP health check.
@@ -2525,6 +2541,11 @@ clusters:
                 "`clusters[].health_check.http`",
                 at(&["clusters.health_check.http"]),
                 fields::<HttpHealthCheck>(),
+            ),
+            (
+                "`clusters[].health_check.grpc`",
+                at(&["clusters.health_check.grpc"]),
+                fields::<GrpcHealthCheck>(),
             ),
             (
                 "`clusters[].health_check.tcp`",

@@ -2440,12 +2440,12 @@ fn validate_endpoint_health_check(
         return;
     };
     if let Some(host) = &own.host {
-        if hc.http.is_none() {
+        if hc.http.is_none() && hc.grpc.is_none() {
             e.at(
                 loc,
                 format!(
                     "endpoint `{address}` of cluster `{name}`: `health_check.host` without an \
-                     HTTP check"
+                     HTTP or gRPC check"
                 ),
                 "the cluster's checks send no Host; remove `host`, or check with \
                  `http: { path: /healthz }`",
@@ -2522,18 +2522,39 @@ fn validate_resilience(e: &mut Issues, loc: &Location, c: &Cluster) {
             )
             .key("health_check");
         }
-        match (&hc.http, &hc.tcp) {
-            (Some(_), Some(_)) | (None, None) => {
+        let kinds = [hc.http.is_some(), hc.tcp.is_some(), hc.grpc.is_some()];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{name}`: `health_check` needs exactly one of `http`, `tcp` and `grpc`"
+                ),
+                "write `http: { path: /healthz }`, `tcp: {}` or `grpc: {}`",
+            )
+            .key("health_check");
+        }
+        if let Some(g) = &hc.grpc {
+            if c.protocol == crate::config::UpstreamProtocol::Http1 {
                 e.at(
                     loc,
-                    format!(
-                        "cluster `{name}`: `health_check` needs exactly one of `http` and `tcp`"
-                    ),
-                    "write `http: { path: /healthz }` or `tcp: {}`",
+                    format!("cluster `{name}`: a `grpc` health check on an HTTP/1.1 cluster"),
+                    "gRPC runs over HTTP/2: set the cluster's `protocol: h2` (or `auto` with `tls`)",
                 )
-                .key("health_check");
+                .key("health_check")
+                .key("grpc");
             }
-            _ => {}
+            if let Some(a) = &g.authority {
+                if http::uri::Authority::try_from(a.as_str()).is_err() {
+                    e.at(
+                        loc,
+                        format!("cluster `{name}`: health check authority `{a}` is not valid"),
+                        "write a host name, optionally with a port: `api.internal`",
+                    )
+                    .key("health_check")
+                    .key("grpc")
+                    .key("authority");
+                }
+            }
         }
         for (key, d) in [("interval", hc.interval), ("timeout", hc.timeout)] {
             if d.0.is_zero() {
