@@ -999,6 +999,7 @@ impl Exchange {
             headers: &self.request_headers,
             scheme_https: self.https,
             client_cert: self.conn.peer_cert(),
+            client_ip: self.conn.source.ip(),
         };
         if let Some(m) = table.route(&input) {
             r.route = Some(m.route.name.clone());

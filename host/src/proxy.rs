@@ -541,6 +541,7 @@ async fn proxy(
     // appends the peer (validation ties the hops to `trust_downstream`).
     let client = proxy_headers::trusted_client(req.headers(), http.xff_num_trusted_hops);
     out.client = client;
+    let client_ip = client.unwrap_or(conn.peer.ip());
     let ov = {
         // Sanitised before filters and routes see the request (as Envoy's
         // connection manager does): hop-by-hop headers out first, so that a
@@ -588,6 +589,7 @@ async fn proxy(
             headers: req.headers(),
             scheme_https: https,
             client_cert,
+            client_ip,
         };
         let m = table.route(&input);
         if let Err(e) = check_upgrade(token, m.as_ref().map(|m| m.route), http, &listener.stats) {
@@ -605,6 +607,7 @@ async fn proxy(
             headers: req.headers(),
             scheme_https: https,
             client_cert,
+            client_ip,
         };
         if let Some(m) = table.route(&input) {
             let allowed = m.cors().and_then(|p| p.check(&req));
@@ -661,6 +664,7 @@ async fn proxy(
                     headers: req.headers(),
                     scheme_https: https,
                     client_cert,
+                    client_ip,
                 };
                 let route = table.route(&input).map_or_else(
                     || Some(crate::config::defaults::route_timeout().get()),
@@ -677,6 +681,7 @@ async fn proxy(
             headers: req.headers(),
             scheme_https: https,
             client_cert,
+            client_ip,
         };
         let local = match local {
             Ok(local) => local,
@@ -713,6 +718,7 @@ async fn proxy(
         headers: req.headers(),
         scheme_https: https,
         client_cert,
+        client_ip,
     };
     let Some(matched) = table.route(&input) else {
         return Err(ProxyError::new(

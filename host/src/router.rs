@@ -108,6 +108,9 @@ pub struct RouteInput<'a> {
     pub scheme_https: bool,
     /// The downstream connection's verified client certificate, if any.
     pub client_cert: Option<&'a crate::tls::PeerCert>,
+    /// The client's address: the connection's peer, or the one trusted
+    /// proxies reported (`xff_num_trusted_hops`).
+    pub client_ip: std::net::IpAddr,
 }
 
 /// The result of routing: the virtual host and the route within it.
@@ -582,6 +585,7 @@ struct RouteMatcher {
     headers: Box<[HeaderCondition]>,
     query: Box<[QueryCondition]>,
     client_cert: Option<Box<CertCondition>>,
+    source_ips: Box<[config::Cidr]>,
 }
 
 /// `match.client_cert`: conditions on the connection's client certificate.
@@ -779,6 +783,7 @@ impl RouteMatcher {
             headers,
             query,
             client_cert,
+            source_ips: m.source_ips.clone().into(),
         })
     }
 
@@ -818,6 +823,11 @@ impl RouteMatcher {
                     return false;
                 }
             }
+        }
+        if !self.source_ips.is_empty()
+            && !self.source_ips.iter().any(|c| c.contains(input.client_ip))
+        {
+            return false;
         }
         self.client_cert
             .as_ref()
@@ -1378,6 +1388,7 @@ mod tests {
         headers: HeaderMap,
         https: bool,
         client_cert: Option<crate::tls::PeerCert>,
+        client_ip: std::net::IpAddr,
     }
 
     impl Req {
@@ -1389,7 +1400,12 @@ mod tests {
                 headers: HeaderMap::new(),
                 https: false,
                 client_cert: None,
+                client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             }
+        }
+        fn client(mut self, ip: &str) -> Self {
+            self.client_ip = ip.parse().unwrap();
+            self
         }
         fn cert(mut self, subject: &str, uris: &[&str], dns: &[&str]) -> Self {
             self.client_cert = Some(crate::tls::PeerCert {
@@ -1415,6 +1431,7 @@ mod tests {
                 headers: &self.headers,
                 scheme_https: self.https,
                 client_cert: self.client_cert.as_ref(),
+                client_ip: self.client_ip,
             }
         }
     }
@@ -1685,6 +1702,47 @@ mod tests {
         let mut missing = base();
         missing.headers.remove("x-debug");
         assert_eq!(route_of(&t, &missing).as_deref(), Some("rest"));
+    }
+
+    #[test]
+    fn source_ip_conditions() {
+        let t = table(
+            "  - name: v
+    domains: ['*']
+    routes:
+    - name: office
+      match: { prefix: /admin, source_ips: [10.0.0.0/8, '2001:db8::/32', 192.0.2.7] }
+      cluster: a
+    - name: denied
+      match: { prefix: /admin }
+      direct_response: { status: 403 }
+",
+        );
+        let admin = |ip: &str| route_of(&t, &Req::new("x", "/admin").client(ip));
+        assert_eq!(admin("10.9.8.7").as_deref(), Some("office"));
+        assert_eq!(admin("2001:db8:1::5").as_deref(), Some("office"));
+        assert_eq!(admin("192.0.2.7").as_deref(), Some("office"));
+        // An IPv4-mapped IPv6 client is its IPv4 address.
+        assert_eq!(admin("::ffff:10.1.1.1").as_deref(), Some("office"));
+        assert_eq!(admin("192.0.2.8").as_deref(), Some("denied"));
+        assert_eq!(admin("11.0.0.1").as_deref(), Some("denied"));
+        assert_eq!(admin("2001:db9::1").as_deref(), Some("denied"));
+    }
+
+    #[test]
+    fn cidrs_parse_strictly() {
+        let c = |s: &str| config::Cidr::parse(s);
+        assert_eq!(c("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(c("192.0.2.7").unwrap().prefix, 32);
+        assert_eq!(c("::1").unwrap().prefix, 128);
+        assert!(c("0.0.0.0/0")
+            .unwrap()
+            .contains("203.0.113.9".parse().unwrap()));
+        assert!(!c("0.0.0.0/0").unwrap().contains("::1".parse().unwrap()));
+        assert!(c("10.1.2.3/8").unwrap_err().contains("`10.0.0.0/8`"));
+        assert!(c("10.0.0.0/33").unwrap_err().contains("0 to 32"));
+        assert!(c("10.0.0/8").is_err());
+        assert!(c("example.com").is_err());
     }
 
     #[test]

@@ -729,3 +729,49 @@ routes:
         assert_families_documented(&lg.stats().await);
     }
 );
+
+each_proto!(
+    /// `match.source_ips`: an allow list by client address (nginx's `allow` and
+    /// `deny`), the client being the connection's peer or, behind trusted
+    /// proxies, the one they reported.
+    async fn source_ips_route_by_the_client_address(proto) {
+        let up = upstream().start().await;
+        let cfg = format!(
+            "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main, trust_downstream: true, xff_num_trusted_hops: 1 }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - name: office
+            match: {{ prefix: /admin, source_ips: [10.0.0.0/8, \"2001:db8::/32\"] }}
+            cluster: backend
+          - name: others
+            match: {{ prefix: /admin }}
+            direct_response: {{ status: 403, body: \"not from here\\n\" }}
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints: [{{ address: \"{}\" }}]
+",
+            up.addr
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        for (xff, status) in [("10.1.2.3", 200), ("2001:db8::7", 200), ("203.0.113.9", 403)] {
+            let r = c.get("/admin").header("x-forwarded-for", xff).send().await;
+            assert_eq!(r.status, status, "{xff}: {}", r.text());
+        }
+        // Without a reported client, the peer (127.0.0.1) is the client.
+        let r = c.get("/admin").send().await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.text(), "not from here\n");
+        assert_eq!(up.requests.get(), 2);
+    }
+);

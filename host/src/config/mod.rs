@@ -23,7 +23,7 @@ pub use load::{
     ConfigErrors, Origin,
 };
 pub(crate) use load::{endpoint_health_check_errors, error_at_path, key_position, mask_url};
-pub use types::{ByteSize, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
+pub use types::{ByteSize, Cidr, Dur, KvBackendKind, KvConfig, KvTls, Name, Percent, StatusRange};
 pub use validate::addresses_overlap;
 pub(crate) use validate::{normalize_domain, split_host_port};
 
@@ -961,6 +961,10 @@ pub struct RouteMatch {
     /// listener with `tls.client_auth`).
     #[serde(default)]
     pub client_cert: Option<ClientCertMatch>,
+    /// The client's address is in one of these ranges (nginx's `allow`); empty
+    /// = any client.
+    #[serde(default)]
+    pub source_ips: Vec<Cidr>,
 }
 
 /// Conditions on the client certificate a listener verified (mTLS); all given

@@ -332,6 +332,104 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// An IP address range, written `10.0.0.0/8`, `2001:db8::/32`, or an address
+/// alone (`192.0.2.7`: that one address). Bits past the prefix must be zero, so
+/// that `10.1.2.3/8` (a typo for `/32`, or for `10.0.0.0/8`?) is an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    /// The network address.
+    pub addr: std::net::IpAddr,
+    /// The prefix length: up to 32 (IPv4) or 128 (IPv6).
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses the written form; the error says what is wrong.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address range; write it like `10.0.0.0/8`, `2001:db8::/32` or `192.0.2.7`"))?;
+        let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
+        };
+        let cidr = Cidr { addr, prefix };
+        if cidr.network() != addr {
+            return Err(format!(
+                "`{s}` has bits set past its /{prefix} prefix; write the network, `{}/{prefix}`",
+                cidr.network()
+            ));
+        }
+        Ok(cidr)
+    }
+
+    /// The address with the bits past the prefix cleared.
+    fn network(&self) -> std::net::IpAddr {
+        match self.addr {
+            std::net::IpAddr::V4(a) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                std::net::IpAddr::V4((u32::from(a) & mask).into())
+            }
+            std::net::IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                std::net::IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+
+    /// Whether `ip` is in the range (an IPv4-mapped IPv6 address counts as its
+    /// IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net)
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Cidr::parse(s.trim()).map_err(de::Error::custom)
+    }
+}
+
 /// A percentage, written `50%` (or a bare number, `50`), from 0 to 100.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 pub struct Percent(pub f64);
