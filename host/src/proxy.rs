@@ -105,6 +105,8 @@ struct Outcome {
     /// The CORS policy that allowed the request's origin: its response gets
     /// the policy's headers ([`crate::cors`]).
     cors: Option<crate::cors::Allowed>,
+    /// The route turned the listener's compression off (`compression: false`).
+    uncompressed: bool,
     /// The client trusted proxies reported (`xff_num_trusted_hops`), if not
     /// the peer: as Envoy's downstream remote address, what `hash_on:
     /// {source_ip}` hashes and the access log's `client`, as filters see it.
@@ -281,6 +283,7 @@ pub async fn handle(
         .http
         .as_ref()
         .and_then(|h| h.compression.as_ref())
+        .filter(|_| !out.uncompressed)
     {
         // After the filters: a filter reads and writes the body as the
         // upstream sent it, and its own answers are compressed too.
@@ -700,6 +703,7 @@ async fn proxy(
             let mut resp = local_response(local, out.grpc);
             if let Some(m) = table.route(&input) {
                 out.route = Some(m.route.id.clone());
+                out.uncompressed = !m.route.compression;
                 finish_response_headers(
                     &m,
                     http.via.as_deref(),
@@ -727,6 +731,7 @@ async fn proxy(
         ));
     };
     out.route = Some(matched.route.id.clone());
+    out.uncompressed = !matched.route.compression;
     if let (Some(clock), Some(t)) = (&out.idle, matched.route.idle_timeout) {
         clock.set_timeout(t);
     }

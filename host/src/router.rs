@@ -173,6 +173,8 @@ pub struct Route {
     pub max_request_body: Option<u64>,
     /// Request mirroring (see [`crate::mirror`]).
     pub mirror: Option<config::Mirror>,
+    /// Whether the listener's `http.compression` applies to its responses.
+    pub compression: bool,
     /// Per-type overrides of the listener's `http.upgrades` (see
     /// [`Route::allows_upgrade`]).
     upgrades: Box<[(Box<str>, bool)]>,
@@ -1123,6 +1125,7 @@ impl Route {
             retry: cfg.retry.as_ref().map(RetryPolicy::new),
             max_request_body: cfg.max_request_body.map(|b| b.0),
             mirror: cfg.mirror.clone(),
+            compression: cfg.compression,
             upgrades: cfg
                 .upgrades
                 .iter()

@@ -143,3 +143,30 @@ each_proto!(
         assert_eq!(gunzip(&got), "first chunk\nsecond chunk\n");
     }
 );
+
+each_proto!(
+    /// A route with `compression: false` is left alone (its type is listed).
+    async fn a_route_can_turn_compression_off(proto) {
+        let up = upstream()
+            .route("/page", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::from(page())));
+                r.headers_mut().insert("content-type", HeaderValue::from_static("text/html"));
+                r
+            })
+            .start()
+            .await;
+        let cfg = simple_config_with(&[up.addr], "            compression: false\n", "").replacen(
+            "      routes: main\n",
+            "      routes: main\n      compression: {}\n",
+            1,
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/page").header("accept-encoding", "gzip").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-encoding"), None);
+        assert_eq!(r.header("vary"), None);
+        assert!(r.text() == page(), "not the page as it was");
+        assert_eq!(lg.stat(&stat("compressed_total")).await, Some(0.0));
+    }
+);

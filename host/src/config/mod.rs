@@ -927,6 +927,10 @@ pub struct Route {
     /// virtual host's.
     #[serde(default)]
     pub cors: Option<Cors>,
+    /// `false`: the listener's `http.compression` leaves this route's responses
+    /// alone (an event stream, content compressed already). Default true.
+    #[serde(default = "defaults::yes")]
+    pub compression: bool,
     /// Per-route overrides of the listener's `http.upgrades`, by upgrade type:
     /// `true` tunnels it on this route even if the listener does not list it,
     /// `false` refuses it here (Envoy's route `upgrade_configs` with `enabled`).
