@@ -127,6 +127,7 @@ async fn shadow(
         host: &ep.host,
         cluster: &cluster,
         endpoint: Some(i),
+        proxied: None,
     };
     let sent = tokio::time::timeout(timeout, worker.pool.send(&entry.upstream, target, req)).await;
     match sent {

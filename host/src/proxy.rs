@@ -2049,6 +2049,7 @@ async fn callout_open(
         host: &ep.host,
         cluster: &cluster,
         endpoint: Some(i),
+        proxied: None,
     };
     match worker.pool.send(&entry.upstream, target, up).await {
         Ok(resp) => {
@@ -2411,6 +2412,7 @@ impl Attempts<'_> {
                 host: &host,
                 cluster,
                 endpoint: index,
+                proxied: None,
             };
             // In a block of its own: an attempt cut by its per-try timeout is
             // dropped (its upstream stream reset, its pool slot freed) before

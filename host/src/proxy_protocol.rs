@@ -1,4 +1,4 @@
-//! The PROXY protocol (HAProxy's, versions 1 and 2) on a listener: a load
+//! The PROXY protocol (HAProxy's, versions 1 and 2). On a listener: a load
 //! balancer in front of Legate (AWS NLB, HAProxy, another Legate) sends the
 //! client's and the destination's addresses in a header before the connection's
 //! own bytes (TLS, HTTP), and Legate takes them as the connection's peer and local
@@ -10,6 +10,11 @@
 //! consumed; then exactly the header's bytes are read. Version 2's TLVs are
 //! skipped; `LOCAL` (a load balancer's health check), `UNKNOWN` and `UNSPEC` or
 //! UNIX addresses keep the connection's own addresses.
+//!
+//! Towards an upstream (a TCP proxy cluster's `proxy_protocol`, as Envoy's
+//! upstream proxy-protocol transport socket and nginx's stream `proxy_protocol
+//! on`): [`header`] is written first on each connection, before TLS; a health
+//! check sends [`local_header`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -239,34 +244,72 @@ fn parse_v2(header: &[u8]) -> Result<Header, String> {
     }
 }
 
-/// A version 2 header for `source` → `destination` (tests, and a future
-/// upstream side).
-#[cfg(test)]
-fn v2(source: SocketAddr, destination: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
-    let mut h = V2_SIGNATURE.to_vec();
-    h.push(0x21);
-    let mut block = Vec::new();
-    match (source.ip(), destination.ip()) {
+/// The header Legate sends an upstream of a cluster with `proxy_protocol`
+/// (`version` 1 or 2) for a connection from `source` to `destination`: the
+/// addresses of its client. Mixed families (an IPv4 client of an IPv6 listener
+/// address, say) are written as IPv6, IPv4 ones mapped.
+pub fn header(version: u8, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (s, d) = match (source.ip(), destination.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (IpAddr::V4(s), IpAddr::V4(d)),
+        (s, d) => (IpAddr::V6(six(s)), IpAddr::V6(six(d))),
+    };
+    if version == 1 {
+        let family = if s.is_ipv4() { "TCP4" } else { "TCP6" };
+        return format!(
+            "PROXY {family} {s} {d} {} {}\r\n",
+            source.port(),
+            destination.port()
+        )
+        .into_bytes();
+    }
+    let mut block = Vec::with_capacity(36);
+    let family = match (s, d) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            h.push(0x11);
             block.extend_from_slice(&s.octets());
             block.extend_from_slice(&d.octets());
+            0x11
         }
         (s, d) => {
-            h.push(0x21);
-            let six = |ip: IpAddr| match ip {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-                IpAddr::V6(v6) => v6.octets(),
-            };
-            block.extend_from_slice(&six(s));
-            block.extend_from_slice(&six(d));
+            block.extend_from_slice(&six(s).octets());
+            block.extend_from_slice(&six(d).octets());
+            0x21
         }
-    }
+    };
     block.extend_from_slice(&source.port().to_be_bytes());
     block.extend_from_slice(&destination.port().to_be_bytes());
-    block.extend_from_slice(tlvs);
+    let mut h = V2_SIGNATURE.to_vec();
+    h.push(0x21); // version 2, PROXY
+    h.push(family);
     h.extend_from_slice(&(block.len() as u16).to_be_bytes());
     h.extend_from_slice(&block);
+    h
+}
+
+/// The header of a connection Legate makes for itself (a health check): no
+/// client's addresses, `PROXY UNKNOWN` or version 2's `LOCAL`.
+pub fn local_header(version: u8) -> Vec<u8> {
+    if version == 1 {
+        return b"PROXY UNKNOWN\r\n".to_vec();
+    }
+    let mut h = V2_SIGNATURE.to_vec();
+    h.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    h
+}
+
+fn six(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+/// A version 2 header with TLVs after the addresses (tests).
+#[cfg(test)]
+fn v2(source: SocketAddr, destination: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
+    let mut h = header(2, source, destination);
+    let len = u16::from_be_bytes([h[14], h[15]]) + tlvs.len() as u16;
+    h[14..16].copy_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(tlvs);
     h
 }
 
@@ -350,6 +393,37 @@ mod tests {
         let mut short = V2_SIGNATURE.to_vec();
         short.extend_from_slice(&[0x21, 0x11, 0, 4, 1, 2, 3, 4]);
         assert!(parse_v2(&short).is_err());
+    }
+
+    #[test]
+    fn the_headers_legate_sends_parse_back() {
+        let (s4, d4) = (addr("203.0.113.7:51000"), addr("198.51.100.1:443"));
+        let (s6, d6) = (addr("[2001:db8::7]:1"), addr("[2001:db8::1]:2"));
+        let want = |s, d| {
+            Ok(Header::Proxied {
+                source: s,
+                destination: d,
+            })
+        };
+        let line = header(1, s4, d4);
+        assert_eq!(line, b"PROXY TCP4 203.0.113.7 198.51.100.1 51000 443\r\n");
+        assert_eq!(parse_v1(&line[..line.len() - 2]), want(s4, d4));
+        let line = header(1, s6, d6);
+        assert_eq!(parse_v1(&line[..line.len() - 2]), want(s6, d6));
+        assert_eq!(parse_v2(&header(2, s4, d4)), want(s4, d4));
+        assert_eq!(parse_v2(&header(2, s6, d6)), want(s6, d6));
+        // Mixed families: both as IPv6.
+        let mixed = parse_v2(&header(2, s4, d6)).unwrap();
+        assert_eq!(
+            mixed,
+            Header::Proxied {
+                source: addr("[::ffff:203.0.113.7]:51000"),
+                destination: d6
+            }
+        );
+        assert_eq!(local_header(1), b"PROXY UNKNOWN\r\n");
+        assert_eq!(parse_v1(b"PROXY UNKNOWN"), Ok(Header::Local));
+        assert_eq!(parse_v2(&local_header(2)), Ok(Header::Local));
     }
 
     #[test]

@@ -392,6 +392,7 @@ async fn run(
             host: &host,
             cluster,
             endpoint: index,
+            proxied: Some((peer, local)),
         };
         session.attempts += 1;
         session.upstream = Some(addr);

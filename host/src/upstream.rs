@@ -53,6 +53,7 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -80,6 +81,8 @@ const MAX_RESPONSE_HEADERS_SIZE: u32 = 60 * 1024;
 
 /// How to talk to one cluster's endpoints; built when config is applied.
 pub struct UpstreamSettings {
+    /// `proxy_protocol.version`: the PROXY header written first on each connection.
+    proxy_protocol: Option<u8>,
     /// Distinguishes pools of clusters with the same endpoint but other settings
     /// (and of the same cluster across config reloads).
     id: u64,
@@ -145,6 +148,7 @@ impl UpstreamSettings {
             }
         };
         Ok(UpstreamSettings {
+            proxy_protocol: cluster.proxy_protocol.as_ref().map(|p| p.version),
             id: NEXT_SETTINGS_ID.fetch_add(1, Ordering::Relaxed),
             protocol: cluster.protocol,
             tls,
@@ -475,6 +479,10 @@ pub struct Target<'a> {
     pub cluster: &'a Arc<Cluster>,
     /// The endpoint's index in the cluster (`None` for original-destination).
     pub endpoint: Option<usize>,
+    /// The client's and the local address of the connection proxied, for a
+    /// cluster that sends a PROXY protocol header (TCP proxying); `None`: a
+    /// connection of Legate's own (a health check), which sends `LOCAL`.
+    pub proxied: Option<(SocketAddr, SocketAddr)>,
 }
 
 impl Pool {
@@ -1451,6 +1459,21 @@ async fn open(s: &UpstreamSettings, target: &Target<'_>) -> Result<(Conn, bool),
         )
     })?;
     let _ = tcp.set_nodelay(true);
+    let mut tcp = tcp;
+    if let Some(version) = s.proxy_protocol {
+        let header = match target.proxied {
+            Some((source, destination)) => {
+                crate::proxy_protocol::header(version, source, destination)
+            }
+            None => crate::proxy_protocol::local_header(version),
+        };
+        tcp.write_all(&header).await.map_err(|e| {
+            ProxyError::new(
+                Kind::ConnectFailed,
+                format!("sending the PROXY protocol header to {}: {e}", target.addr),
+            )
+        })?;
+    }
     let Some(tls) = &s.tls else {
         return Ok((Conn::Plain(tcp), s.protocol == UpstreamProtocol::H2));
     };

@@ -185,3 +185,77 @@ clusters:
     );
     assert_eq!(echo.bytes.get(), 4);
 }
+
+/// A TCP listener's cluster with `proxy_protocol` sends the client's header
+/// first: version 1 to an echo server (which sends it back), version 2 to
+/// Legate's own HTTP listener that requires one, whose health checks (with
+/// `LOCAL` headers) pass too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_sends_the_header_upstream() {
+    let echo = tcp_echo_server().await;
+    let up = upstream().start().await;
+    let web = free_addr();
+    let lg = legate()
+        .config(&format!(
+            "version: 1
+listeners:
+  - name: tcp
+    address: 127.0.0.1:0
+    tcp: {{ cluster: echo }}
+  - name: edge
+    address: 127.0.0.1:0
+    tcp: {{ cluster: inner }}
+  - name: web
+    address: {web}
+    proxy_protocol: {{}}
+    http: {{ routes: main }}
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: echo
+    proxy_protocol: {{ version: 1 }}
+    endpoints: [{{ address: \"{}\" }}]
+  - name: inner
+    proxy_protocol: {{ version: 2 }}
+    endpoints: [{{ address: \"{web}\" }}]
+    health_check: {{ http: {{ path: /healthz }}, interval: 30ms, unhealthy_threshold: 1 }}
+  - name: backend
+    endpoints: [{{ address: \"{}\" }}]
+",
+            echo.addr, up.addr
+        ))
+        .start();
+    let tcp = lg.addr("tcp");
+    let mut c = RawConn::connect(tcp).await;
+    c.write(b"ping").await;
+    let prefix = b"PROXY TCP4 127.0.0.1 127.0.0.1 ".len();
+    let head = c.read_exact(prefix, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(head, b"PROXY TCP4 127.0.0.1 127.0.0.1 ");
+    let mut rest = Vec::new();
+    while !rest.ends_with(b"ping") {
+        rest.extend(c.read_exact(1, Duration::from_secs(10)).await.unwrap());
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(
+        rest.ends_with(&format!(" {}\r\nping", tcp.port())),
+        "{rest:?}"
+    );
+    lg.assert_stat(r#"legate_cluster_membership_healthy{cluster="inner"}"#, 1.0)
+        .await;
+    let mut c = RawConn::connect(lg.addr("edge")).await;
+    c.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let answer = c.read_exact(12, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(answer, b"HTTP/1.1 200");
+    assert_eq!(
+        lg.stat(r#"legate_listener_proxy_protocol_errors_total{listener="web"}"#)
+            .await,
+        Some(0.0)
+    );
+}

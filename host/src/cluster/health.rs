@@ -388,6 +388,7 @@ async fn check_once(
         host: &ep.host,
         cluster,
         endpoint: Some(i),
+        proxied: None,
     };
     let (conn, h2) = upstream::open_unpooled(&entry.upstream, &target)
         .await

@@ -350,6 +350,15 @@ pub struct Listener {
     pub proxy_protocol: Option<ProxyProtocol>,
 }
 
+/// `clusters[].proxy_protocol`: the header Legate sends its upstreams.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamProxyProtocol {
+    /// 1 (text) or 2 (binary). Default 1, as Envoy's.
+    #[serde(default = "defaults::proxy_protocol_version")]
+    pub version: u8,
+}
+
 /// `listeners[].proxy_protocol`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -1242,6 +1251,10 @@ pub struct Cluster {
     /// `lb_healthy_panic`). Default 50%, as Envoy; `0%` disables panic mode.
     #[serde(default = "defaults::panic_threshold")]
     pub panic_threshold: Percent,
+    /// Send each upstream connection's PROXY protocol header first (TCP
+    /// listeners' clusters only); absent = none.
+    #[serde(default)]
+    pub proxy_protocol: Option<UpstreamProxyProtocol>,
     /// How much more than its share a priority level can take, in percent (Envoy's
     /// `overprovisioning_factor`): a level counts as whole while its available share
     /// of endpoints times this is at least 100%. Default 140, as Envoy.
@@ -2062,6 +2075,9 @@ pub(crate) mod defaults {
     pub fn compression_level() -> u32 {
         6
     }
+    pub fn proxy_protocol_version() -> u8 {
+        1
+    }
     pub fn zero() -> Dur {
         Dur::millis(0)
     }
@@ -2399,6 +2415,11 @@ clusters:
                 "`listeners[].proxy_protocol`",
                 at(&["listeners.proxy_protocol"]),
                 fields::<ProxyProtocol>(),
+            ),
+            (
+                "`clusters[].proxy_protocol`",
+                at(&["clusters.proxy_protocol"]),
+                fields::<UpstreamProxyProtocol>(),
             ),
             (
                 "`routes[].virtual_hosts[].cors`",

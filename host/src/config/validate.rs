@@ -124,6 +124,28 @@ impl Config {
         self.issues().into_iter().map(|i| i.error).collect()
     }
 
+    /// `c` (a cluster an HTTP route or a plugin sends to) must not send PROXY
+    /// protocol headers: its connections are shared by many clients.
+    fn no_proxy_protocol_over_http(&self, e: &mut Issues, c: &Spanned<Name>) {
+        let sends = self
+            .clusters
+            .iter()
+            .any(|k| k.value.name == c.value && k.value.proxy_protocol.is_some());
+        if sends {
+            e.at(
+                &c.referenced,
+                format!(
+                    "cluster `{}` sends a PROXY protocol header (`proxy_protocol`), which only \
+                     a TCP listener's cluster may",
+                    c.value
+                ),
+                "an HTTP connection to an upstream carries many clients' requests, so no one \
+                 client's address can be sent on it; use a cluster without `proxy_protocol` \
+                 here (the client is in `x-forwarded-for`)",
+            );
+        }
+    }
+
     /// The problems of this config with the key paths that locate them precisely.
     pub(crate) fn issues(&self) -> Vec<Issue> {
         let mut e = Issues::default();
@@ -214,6 +236,9 @@ impl Config {
         );
         for p in &self.plugins {
             validate_plugin(&mut e, p, &clusters);
+            for c in &p.value.capabilities.clusters {
+                self.no_proxy_protocol_over_http(&mut e, c);
+            }
         }
 
         self.validate_listener_addresses(&mut e);
@@ -265,6 +290,19 @@ impl Config {
                 .collect();
             for vh in &t.value.virtual_hosts {
                 for r in &vh.value.routes {
+                    let rv = &r.value;
+                    let targets = rv
+                        .cluster
+                        .iter()
+                        .chain(
+                            rv.weighted_clusters
+                                .iter()
+                                .flat_map(|w| w.value.iter().map(|c| &c.cluster)),
+                        )
+                        .chain(rv.mirror.iter().map(|m| &m.cluster));
+                    for c in targets {
+                        self.no_proxy_protocol_over_http(&mut e, c);
+                    }
                     for (name, f) in &r.value.filters {
                         if !plugins.names.contains(name) {
                             e.at(
@@ -2036,6 +2074,20 @@ fn validate_discovery(e: &mut Issues, loc: &Location, c: &Cluster) {
 fn validate_cluster(e: &mut Issues, c: &Spanned<Cluster>) {
     let loc = &c.referenced;
     let c = &c.value;
+    if let Some(pp) = &c.proxy_protocol {
+        if !matches!(pp.version, 1 | 2) {
+            e.at(
+                loc,
+                format!(
+                    "cluster `{}`: `proxy_protocol.version` {} is neither 1 nor 2",
+                    c.name, pp.version
+                ),
+                "1 is the text header, 2 the binary one; use what the upstream reads",
+            )
+            .key("proxy_protocol")
+            .key("version");
+        }
+    }
     if c.original_dst {
         if !c.endpoints.is_empty() {
             e.at(
