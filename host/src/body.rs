@@ -244,18 +244,49 @@ impl std::fmt::Display for BodyTooLarge {
 }
 impl std::error::Error for BodyTooLarge {}
 
+/// Where a watcher of the client's request body notes the client's fault that
+/// failed it (over `max_request_body`, a refused trailer), so that the upstream
+/// error it causes is reported as the client's: an HTTP/1.1 upstream request
+/// carries the body's error as its source, but an HTTP/2 one only says its
+/// stream was reset, which would be a 502 and a failure of the endpoint.
+#[derive(Clone, Default)]
+pub struct ClientFault(Rc<RefCell<Option<crate::error::ProxyError>>>);
+
+impl ClientFault {
+    /// Notes `e` (the first fault stands).
+    pub fn set(&self, e: crate::error::ProxyError) {
+        self.0.borrow_mut().get_or_insert(e);
+    }
+
+    /// The fault noted, if any.
+    pub fn take(&self) -> Option<crate::error::ProxyError> {
+        self.0.borrow_mut().take()
+    }
+}
+
 /// Fails a streamed body once more than its limit has gone by; the error is found
-/// in the failure's source chain by [`crate::error::ProxyError::request_body`], so
-/// the client gets 413 instead of 502.
+/// in the failure's source chain by [`crate::error::ProxyError::request_body`], and
+/// noted in `fault`, so the client gets 413 instead of 502.
 pub struct Limit {
     /// Bytes still allowed.
     pub remaining: u64,
+    /// Where the 413 is noted.
+    pub fault: ClientFault,
 }
 
 impl Watch for Limit {
     fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-        self.remaining = self.remaining.checked_sub(n).ok_or(BodyTooLarge)?;
+        match self.remaining.checked_sub(n) {
+            Some(left) => self.remaining = left,
+            None => {
+                self.fault.set(crate::error::ProxyError::new(
+                    crate::error::Kind::BodyTooLarge,
+                    BodyTooLarge.to_string(),
+                ));
+                return Err(BodyTooLarge.into());
+            }
+        }
         Ok(())
     }
 }
@@ -1136,11 +1167,23 @@ mod tests {
 
     #[tokio::test]
     async fn limit_fails_the_body() {
-        let b = Watched::new(full(vec![0u8; 10]), Limit { remaining: 5 });
+        let b = Watched::new(
+            full(vec![0u8; 10]),
+            Limit {
+                remaining: 5,
+                fault: ClientFault::default(),
+            },
+        );
         let err = b.collect().await.err().map(|e| e.is::<BodyTooLarge>());
         assert_eq!(err, Some(true));
 
-        let b = Watched::new(full(vec![0u8; 5]), Limit { remaining: 5 });
+        let b = Watched::new(
+            full(vec![0u8; 5]),
+            Limit {
+                remaining: 5,
+                fault: ClientFault::default(),
+            },
+        );
         assert_eq!(b.collect().await.map(|c| c.to_bytes().len()).ok(), Some(5));
     }
 

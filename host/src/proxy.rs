@@ -107,6 +107,8 @@ struct Outcome {
     cors: Option<crate::cors::Allowed>,
     /// The route turned the listener's compression off (`compression: false`).
     uncompressed: bool,
+    /// The client's fault that failed its request body, if one did.
+    client_fault: body::ClientFault,
     /// The client trusted proxies reported (`xff_num_trusted_hops`), if not
     /// the peer: as Envoy's downstream remote address, what `hash_on:
     /// {source_ip}` hashes and the access log's `client`, as filters see it.
@@ -494,6 +496,16 @@ async fn proxy(
     check_framing(&req, &listener.cfg.limits)?;
     if http.headers_with_underscores != UnderscoreHeaders::Allow {
         underscore_headers(req.headers_mut(), http.headers_with_underscores, listener)?;
+        if !req.body().is_end_stream() {
+            // Trailers come after the head went on: checked as they pass.
+            let watch = UnderscoreTrailers {
+                reject: http.headers_with_underscores == UnderscoreHeaders::Reject,
+                dropped: listener.stats.underscore_headers_dropped.clone(),
+                rejected: listener.stats.underscore_headers_rejected.clone(),
+                fault: out.client_fault.clone(),
+            };
+            req = req.map(|b| body::boxed(body::Watched::new(b, watch)));
+        }
     }
     if req.method() == Method::CONNECT {
         // No route tunnels CONNECT (HTTP/1.1's, or HTTP/2's without
@@ -844,7 +856,13 @@ async fn proxy(
             .unwrap_or_else(|| path_of(&parts.uri));
 
         let req_body = match max_body {
-            Some(max) => body::boxed(Watched::new(incoming, Limit { remaining: max })),
+            Some(max) => body::boxed(Watched::new(
+                incoming,
+                Limit {
+                    remaining: max,
+                    fault: out.client_fault.clone(),
+                },
+            )),
             None => incoming,
         };
 
@@ -2225,6 +2243,45 @@ fn underscore_headers(
     Ok(())
 }
 
+/// `headers_with_underscores` for a request's trailers: `drop` removes the
+/// fields whose names have an underscore, `reject` fails the request body
+/// (the upstream request is reset; the client gets 400 if no response came
+/// yet), counted as for headers.
+struct UnderscoreTrailers {
+    reject: bool,
+    dropped: crate::stats::Counter,
+    rejected: crate::stats::Counter,
+    fault: body::ClientFault,
+}
+
+impl body::Watch for UnderscoreTrailers {
+    fn frame(&mut self, frame: &mut hyper::body::Frame<Bytes>) -> Result<(), body::BoxError> {
+        let Some(t) = frame.trailers_mut() else {
+            return Ok(());
+        };
+        let names: Vec<HeaderName> = t
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .cloned()
+            .collect();
+        let Some(first) = names.first() else {
+            return Ok(());
+        };
+        if self.reject {
+            self.rejected.inc();
+            let why = format!("trailer name with an underscore: {first}");
+            self.fault
+                .set(ProxyError::new(Kind::BadRequest, why.clone()));
+            return Err(Box::new(ProxyError::new(Kind::BadRequest, why)));
+        }
+        for name in names {
+            self.dropped.add(t.get_all(&name).iter().count() as u64);
+            t.remove(&name);
+        }
+        Ok(())
+    }
+}
+
 /// The fields of an HTTP/2 request's head as `max_request_headers` counts them:
 /// the `cookie` crumbs a client split (RFC 9113 §8.2.3; browsers send one per
 /// cookie) count as the one field they are joined into, as the same cookies
@@ -2433,6 +2490,13 @@ impl Attempts<'_> {
                     }),
                     None => send.await,
                 }
+            };
+            // A failure the client's body caused (over its limit, a refused
+            // trailer) is the client's, whatever the upstream made of it: not
+            // the endpoint's, not retried.
+            let result = match result {
+                Err(e) if e.side() == Side::Upstream => Err(out.client_fault.take().unwrap_or(e)),
+                r => r,
             };
             // Asked again: a body kept as it streams may have outgrown its
             // copy during the attempt.

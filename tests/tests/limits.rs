@@ -1701,3 +1701,26 @@ async fn an_h2_client_that_answers_no_ping_is_closed_by_the_keepalive() {
         .await;
     lg.assert_stat(CONNECTIONS_ACTIVE, 0.0).await;
 }
+
+each_proto!(
+    /// A streamed body cut at `max_request_body` on its way to an HTTP/2
+    /// upstream is the client's 413 too, not a 502 and not a failure of the
+    /// endpoint: h2 reports only the stream's reset, so the limit notes the
+    /// fault it caused.
+    async fn request_body_limit_over_an_h2_upstream(proto) {
+        let up = upstream().h2().route("/sink", sink).start().await;
+        let cfg = limits_config(up.addr, "", "            max_request_body: 1KiB\n")
+            .replacen("    endpoints:\n", "    protocol: h2\n    endpoints:\n", 1);
+        assert!(cfg.contains("protocol: h2"), "{cfg}");
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.post("/sink").streamed_body(vec![b'a'; 64 * 1024], 512).send().await;
+        assert_eq!(r.status, 413, "{}", r.text());
+        assert_eq!(r.text(), "request_body_too_large\n");
+        lg.assert_stat(
+            &format!(r#"legate_endpoint_rq_error{{cluster="backend",endpoint="{}"}}"#, up.addr),
+            0.0,
+        )
+        .await;
+    }
+);

@@ -1144,3 +1144,55 @@ async fn an_http10_request_without_host_is_routed_by_the_local_address() {
     );
     assert_eq!(up.requests.get(), 1);
 }
+
+/// `headers_with_underscores` applies to a request's trailers too: `drop`
+/// removes `x_sum` (counted), `reject` fails the request with 400 (counted;
+/// over an HTTP/2 upstream it was a 502 before the client's fault was noted) —
+/// they would stand in for `x-sum` at a CGI-style upstream as a header would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscored_request_trailers_are_dropped_or_rejected() {
+    let up = upstream().h2().start().await;
+    let up1 = upstream().http1().start().await;
+    for proto in [Proto::H1, Proto::H2] {
+        for (action, up, cluster) in [
+            ("drop", &up, "    protocol: h2\n"),
+            ("reject", &up, "    protocol: h2\n"),
+            ("reject", &up1, ""),
+        ] {
+            let cfg = simple_config_with(&[up.addr], "", cluster).replacen(
+                "      routes: main\n",
+                &format!("      routes: main\n      headers_with_underscores: {action}\n"),
+                1,
+            );
+            let lg = legate().config(&cfg).start();
+            let mut c = client(proto, lg.addr("web")).await;
+            let mut t = HeaderMap::new();
+            t.insert("x_sum", HeaderValue::from_static("forged"));
+            t.insert("x-sum", HeaderValue::from_static("abc"));
+            let r = c
+                .post("/")
+                .header("te", "trailers")
+                .body_with_trailers("payload", t)
+                .try_send()
+                .await;
+            let counter =
+                format!("legate_listener_underscore_headers_{action}ped_total{{listener=\"web\"}}")
+                    .replace("rejectped", "rejected");
+            if action == "drop" {
+                let e = r.unwrap().echo();
+                assert_eq!(e.trailers.get("x_sum"), None, "{proto:?}");
+                assert_eq!(
+                    e.trailers.get("x-sum"),
+                    Some(&vec!["abc".to_string()]),
+                    "{proto:?}"
+                );
+            } else {
+                // The client's fault, whichever protocol the upstream speaks
+                // (an HTTP/2 upstream only sees its stream reset).
+                let r = r.unwrap();
+                assert_eq!(r.status, 400, "{proto:?} {cluster:?}: {}", r.text());
+            }
+            lg.assert_stat(&counter, 1.0).await;
+        }
+    }
+}
