@@ -411,9 +411,23 @@ struct PoolInner {
 #[derive(Default)]
 struct KeyConnections {
     count: AtomicUsize,
+    /// HTTP/1.1 requests in flight on them (from the send to their response's
+    /// end): what a waiting attempt waits for. A tunnel (after a 101) is not
+    /// one, so no attempt waits behind connections that are all tunnels.
+    busy: AtomicUsize,
     /// Notified (one waiter, oldest first) when a connection goes back to the
-    /// idle pool or closes.
+    /// idle pool or closes; every waiter when the last one closes.
     freed: tokio::sync::Notify,
+}
+
+/// An HTTP/1.1 request in flight on a key's connection, counted in
+/// [`KeyConnections::busy`] until dropped.
+struct Busy(Arc<KeyConnections>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One of a worker's connections to a key, opening or open: counted in
@@ -423,10 +437,14 @@ struct Live(Arc<KeyConnections>);
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::Relaxed);
         // Its `max_connections` slot is free (the socket's counter guard
-        // dropped first): a waiting attempt may open one.
-        self.0.freed.notify_one();
+        // dropped first): a waiting attempt may open one. The last one gone,
+        // every waiter looks again (none is left to wake them later).
+        if self.0.count.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.freed.notify_waiters();
+        } else {
+            self.0.freed.notify_one();
+        }
     }
 }
 
@@ -618,15 +636,30 @@ impl Pool {
                 let first = !self.has_live(key);
                 // Its own pending slot goes to the permit's.
                 let waited = pending.take().is_some();
-                match target.cluster.try_connect_permit(first, !waited)? {
+                let conns = self.connections(key);
+                // A waiter that fails passes on the wake-up it may have taken.
+                let failed = |e: ProxyError| {
+                    conns.freed.notify_one();
+                    e
+                };
+                match target
+                    .cluster
+                    .try_connect_permit(first, !waited)
+                    .map_err(failed)?
+                {
                     Some(p) => permit = Some(p),
+                    // Nothing of this worker's will come free (its connections
+                    // to the endpoint are tunnels, or are being opened).
+                    None if conns.busy.load(Ordering::Relaxed) == 0 => {
+                        return Err(target.cluster.max_connections_reached());
+                    }
                     None => {
                         // Over `max_connections`, every connection of this
                         // worker's to the endpoint busy: wait as a pending
                         // request, as in Envoy's pool, until one goes back
                         // to the pool (take it) or closes (open one).
-                        pending = Some(target.cluster.pending_permit()?);
-                        self.connections(key).freed.notified().await;
+                        pending = Some(target.cluster.pending_permit().map_err(failed)?);
+                        conns.freed.notified().await;
                         idle_ok = true;
                         continue;
                     }
@@ -897,6 +930,9 @@ impl Pool {
             }
             Sender::H1(mut sr) => {
                 to_h1_form(&mut req);
+                let conns = self.connections(key);
+                conns.busy.fetch_add(1, Ordering::Relaxed);
+                let busy = Busy(conns);
                 let upload = Rc::new(Upload::default());
                 if http_body::Body::is_end_stream(req.body()) {
                     upload.sent.set(true);
@@ -908,6 +944,7 @@ impl Pool {
                     Ok(resp) => {
                         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                             // The connection now belongs to the upgraded stream.
+                            drop(busy);
                             return Ok(resp.map(body::boxed));
                         }
                         let ret = Return {
@@ -917,6 +954,7 @@ impl Pool {
                             sender: sr,
                             max_idle: s.max_idle,
                             idle_timeout: s.idle_timeout,
+                            _busy: busy,
                         };
                         Ok(resp.map(|b| body::boxed(body::Watched::new(b, ret))))
                     }
@@ -950,10 +988,12 @@ impl Pool {
                 .retain(|c| !c.sender.is_closed() && !c.is_idle_past(now));
             !set.ready.is_empty() || !set.opening.is_empty()
         });
+        // Kept while attempts wait on it (they hold it): a new entry would
+        // have another `Notify`, which they would never hear.
         self.inner
             .live
             .borrow_mut()
-            .retain(|_, n| n.count.load(Ordering::Relaxed) > 0);
+            .retain(|_, n| n.count.load(Ordering::Relaxed) > 0 || Arc::strong_count(n) > 1);
     }
 
     /// Whether this worker has a connection to `key`, opening or open.
@@ -1266,6 +1306,8 @@ struct Return {
     sender: http1::SendRequest<Body>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// The request counted busy on the key's connections until its response ends.
+    _busy: Busy,
 }
 
 impl body::Watch for Return {

@@ -676,6 +676,51 @@ async fn max_connections_queues_http1_attempts_up_to_max_pending_requests() {
         .await;
 }
 
+/// Three attempts wait for the one connection: each takes it in turn as the
+/// previous response ends (each wake-up goes to one waiter; the pool hands the
+/// connection on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_attempts_take_the_connection_in_turn() {
+    let release = Arc::new(AtomicBool::new(false));
+    let up = upstream().hold_until(&release).start().await;
+    let lg = legate()
+        .config(&simple_config_with(
+            &[up.addr],
+            "",
+            "    protocol: http1\n    circuit_breakers: { max_connections: 1 }\n",
+        ))
+        .start();
+    let addr = lg.addr("web");
+    let first =
+        tokio::spawn(async move { client(Proto::H1, addr).await.get("/slow").send().await });
+    eventually(WAIT, "the first request upstream", || async {
+        (up.in_flight.get() == 1).then_some(())
+    })
+    .await;
+    let waiting: Vec<_> = (0..3)
+        .map(|i| {
+            tokio::spawn(async move {
+                client(Proto::H1, addr)
+                    .await
+                    .get(&format!("/w{i}"))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    lg.assert_stat(&stat("upstream_rq_pending_active", "backend"), 3.0)
+        .await;
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(first.await.unwrap().status, 200);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().status, 200);
+    }
+    assert_eq!(up.connections.get(), 1);
+    assert_eq!(up.requests.get(), 4);
+    lg.assert_stat(&stat("upstream_rq_pending_active", "backend"), 0.0)
+        .await;
+}
+
 /// A waiting attempt whose connection closes instead of going back to the
 /// pool opens its own: the closed one's slot is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

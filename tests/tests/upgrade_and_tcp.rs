@@ -457,6 +457,15 @@ async fn circuit_breakers_limit_open_tunnels() {
         )
         .await;
         assert_eq!(up.connections.get(), 1, "{limit}");
+        if limit == "max_connections" {
+            // A plain request does not wait over `max_connections` for a
+            // connection that is a tunnel: 503 at once (it waited for the
+            // route timeout, as a pending request).
+            let mut c = client(Proto::H1, lg.addr("web")).await;
+            let r = c.get("/plain").send().await;
+            assert_eq!(r.status, 503, "{}", r.text());
+            assert_eq!(r.header("x-legate-overloaded"), Some("true"));
+        }
 
         drop(first);
         eventually(HANG_GUARD, "upstream side of the tunnel closed", || async {

@@ -147,6 +147,15 @@ impl Cluster {
         }))
     }
 
+    /// The 503 `overloaded` error of `max_connections` (counted already).
+    pub fn max_connections_reached(&self) -> ProxyError {
+        overloaded(
+            self,
+            "max_connections",
+            self.config.circuit_breakers.max_connections,
+        )
+    }
+
     /// Reserves a `max_pending_requests` slot for an attempt waiting for a
     /// connection (its own, or an HTTP/2 one another attempt is opening); over the
     /// limit, a 503 `overloaded` error and `upstream_rq_pending_overflow` counts it.

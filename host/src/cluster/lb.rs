@@ -369,7 +369,13 @@ impl Balancer {
                 excluded = self.health_exclusion(excluded, healthy)?;
             }
         } else {
-            let draw = self.rng.borrow_mut().random_range(0..100);
+            // A hash policy draws the level from the request's key, as Envoy's
+            // (`choosePriority(hash)`): one key stays on one level while the
+            // priority load stands.
+            let draw = match hash {
+                Some(h) if self.cluster.lb.policy == LbPolicy::RingHash => (h % 100) as u32,
+                _ => self.rng.borrow_mut().random_range(0..100),
+            };
             (excluded, zoned) = self.cluster.priority_exclusion(&excluded, draw)?;
         }
         if zoned && self.cluster.zone_aware() {
@@ -1085,6 +1091,25 @@ mod tests {
             assert_eq!(b.pick(hash, &[0, 1]), Some(2), "{policy}");
             assert_eq!(c.stats.lb_healthy_panic.load(Relaxed), 0, "{policy}");
         }
+    }
+
+    #[test]
+    fn a_hash_key_keeps_to_one_priority_level() {
+        use crate::cluster::health::FAILED_ACTIVE_HC;
+        // Half of P=0 down: 70% of the keys on P=0, 30% on P=1, each key
+        // always on the same one.
+        let c = prioritized("ring_hash", &[0, 0, 1], "hash_on: { source_ip: true }\n");
+        c.set_flag(0, FAILED_ACTIVE_HC, true);
+        let b = seeded(&c, 9);
+        let mut on_backup = 0;
+        for key in keys(1000) {
+            let first = b.pick(Some(key), &[]).unwrap();
+            for _ in 0..5 {
+                assert_eq!(b.pick(Some(key), &[]), Some(first), "key {key}");
+            }
+            on_backup += usize::from(first == 2);
+        }
+        assert!((230..370).contains(&on_backup), "{on_backup}");
     }
 
     #[test]
