@@ -6,7 +6,7 @@
 //! response gets `access-control-allow-origin` (the request's origin), the
 //! credentials and exposed-headers headers, and `vary: origin`. A request from an
 //! origin not allowed passes untouched (the browser then refuses the answer),
-//! as in Envoy.
+//! as in Envoy, with `vary: origin` added.
 
 use std::sync::Arc;
 
@@ -62,8 +62,10 @@ impl Policy {
         let Ok(origin) = origin.to_str() else {
             return false;
         };
+        // `*` is any web origin; not `null` (sandboxed frames, `file:` pages,
+        // redirects), which only an explicit `{ exact: "null" }` allows.
         self.origins.iter().any(|t| match t {
-            StrTest::Exact(e) if &**e == "*" => true,
+            StrTest::Exact(e) if &**e == "*" => origin != "null",
             t => t.test(origin),
         })
     }
@@ -127,8 +129,10 @@ pub fn is_preflight<B>(req: &Request<B>) -> bool {
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-/// The answer names the request's origin: caches must key on it.
-fn vary_origin(h: &mut HeaderMap) {
+/// The answer names the request's origin: caches must key on it. Also on a
+/// route with a policy whose request had no allowed origin, whose answer lacks
+/// what an allowed one's has.
+pub fn vary_origin(h: &mut HeaderMap) {
     let varies = h.get_all(header::VARY).iter().any(|v| {
         legate_abi_rules::headers::list_items(v.as_bytes())
             .any(|t| t == b"*" || t.eq_ignore_ascii_case(b"origin"))
@@ -167,6 +171,7 @@ mod tests {
         assert!(p.check(&Request::new(())).is_none());
         let any = policy("allow_origins: [{ exact: \"*\" }]");
         assert!(any.check(&from("https://anything.test")).is_some());
+        assert!(any.check(&from("null")).is_none());
     }
 
     #[test]

@@ -105,6 +105,8 @@ struct Outcome {
     /// The CORS policy that allowed the request's origin: its response gets
     /// the policy's headers ([`crate::cors`]).
     cors: Option<crate::cors::Allowed>,
+    /// The route has a CORS policy: its answers vary by `origin`.
+    cors_route: bool,
     /// The route turned the listener's compression off (`compression: false`).
     uncompressed: bool,
     /// The client's fault that failed its request body, if one did.
@@ -278,6 +280,8 @@ pub async fn handle(
         // Whatever answered (the upstream, a filter, an error): the browser
         // may read it.
         policy.respond(&origin, resp.headers_mut());
+    } else if out.cors_route {
+        crate::cors::vary_origin(resp.headers_mut());
     }
     if let Some(c) = conn
         .listener
@@ -744,6 +748,7 @@ async fn proxy(
     };
     out.route = Some(matched.route.id.clone());
     out.uncompressed = !matched.route.compression;
+    out.cors_route = matched.cors().is_some();
     if let (Some(clock), Some(t)) = (&out.idle, matched.route.idle_timeout) {
         clock.set_timeout(t);
     }

@@ -51,60 +51,104 @@ pub enum Header {
 
 /// Reads the connection's PROXY header; an error says what was wrong with it
 /// (or that it is missing where `required`). The caller bounds the time.
+///
+/// Nothing but the header is consumed, and nothing is polled in a loop: a
+/// required header's first 12 bytes are read (the shortest header is 15), an
+/// optional one's are peeked until they tell (a header's first segment holds
+/// them; a client that sends fewer is polled with a backoff); then a version 2
+/// header is read by its length, a version 1 line by peeking the bytes at
+/// hand, reading those before its CRLF and waiting for more.
 pub async fn read(stream: &mut TcpStream, required: bool) -> Result<Header, String> {
-    let mut buf = [0u8; V1_MAX];
-    let mut seen = 0;
-    loop {
-        let n = stream
-            .peek(&mut buf)
+    let io = |e: std::io::Error| format!("reading the PROXY header: {e}");
+    let closed = || "the connection closed before its PROXY header".to_string();
+    let mut head = [0u8; 12];
+    let kind = if required {
+        stream
+            .read_exact(&mut head)
             .await
-            .map_err(|e| format!("reading the PROXY header: {e}"))?;
-        if n == 0 {
-            return Err("the connection closed before its PROXY header".into());
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => closed(),
+                _ => io(e),
+            })?;
+        classify(&head)
+    } else {
+        let mut wait = Duration::from_millis(1);
+        loop {
+            let n = stream.peek(&mut head).await.map_err(io)?;
+            if n == 0 {
+                return Err(closed());
+            }
+            match classify(head.get(..n).unwrap_or_default()) {
+                Kind::Undecided => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(100));
+                }
+                Kind::Other => return Ok(Header::Absent),
+                kind => {
+                    // Ours: take its first bytes as the required case does.
+                    stream.read_exact(&mut head).await.map_err(io)?;
+                    break kind;
+                }
+            }
         }
-        let head = buf.get(..n).unwrap_or_default();
-        match classify(head) {
-            Kind::Undecided => {}
-            Kind::Other if required => {
-                return Err("the connection did not start with a PROXY protocol header".into())
+    };
+    match kind {
+        Kind::V2 => {
+            let mut rest = [0u8; 4];
+            stream.read_exact(&mut rest).await.map_err(io)?;
+            let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+            if len > V2_MAX_BLOCK {
+                return Err(format!(
+                    "PROXY v2 address block of {len} bytes (at most {V2_MAX_BLOCK} accepted)"
+                ));
             }
-            Kind::Other => return Ok(Header::Absent),
-            Kind::V2 if n >= 16 => {
-                let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
-                if len > V2_MAX_BLOCK {
-                    return Err(format!(
-                        "PROXY v2 address block of {len} bytes (at most {V2_MAX_BLOCK} accepted)"
-                    ));
+            let mut header = Vec::with_capacity(16 + len);
+            header.extend_from_slice(&head);
+            header.extend_from_slice(&rest);
+            header.resize(16 + len, 0);
+            stream
+                .read_exact(header.get_mut(16..).unwrap_or_default())
+                .await
+                .map_err(io)?;
+            parse_v2(&header)
+        }
+        Kind::V1 => {
+            let mut line = head.to_vec();
+            loop {
+                if let Some(end) = line.windows(2).position(|w| w == b"\r\n") {
+                    return parse_v1(line.get(..end).unwrap_or_default());
                 }
-                let mut header = vec![0u8; 16 + len];
-                stream
-                    .read_exact(&mut header)
-                    .await
-                    .map_err(|e| format!("reading the PROXY v2 header: {e}"))?;
-                return parse_v2(&header);
-            }
-            Kind::V2 => {}
-            Kind::V1 => {
-                if let Some(end) = head.windows(2).position(|w| w == b"\r\n") {
-                    let mut header = vec![0u8; end + 2];
-                    stream
-                        .read_exact(&mut header)
-                        .await
-                        .map_err(|e| format!("reading the PROXY v1 header: {e}"))?;
-                    return parse_v1(header.get(..end).unwrap_or_default());
-                }
-                if n >= V1_MAX {
+                if line.len() >= V1_MAX {
                     return Err(format!("PROXY v1 header without CRLF in {V1_MAX} bytes"));
                 }
+                // What is at hand, up to the line's end if it is there (a
+                // peek waits for data: no busy loop).
+                let mut chunk = [0u8; V1_MAX];
+                let room = V1_MAX - line.len();
+                let n = stream
+                    .peek(chunk.get_mut(..room).unwrap_or_default())
+                    .await
+                    .map_err(io)?;
+                if n == 0 {
+                    return Err(closed());
+                }
+                let seen = chunk.get(..n).unwrap_or_default();
+                // A CR at the line's end may pair with an LF first in `seen`.
+                let take = if line.last() == Some(&b'\r') && seen.first() == Some(&b'\n') {
+                    1
+                } else {
+                    seen.windows(2)
+                        .position(|w| w == b"\r\n")
+                        .map_or(n, |i| i + 2)
+                };
+                let mut got = vec![0u8; take];
+                stream.read_exact(&mut got).await.map_err(io)?;
+                line.extend_from_slice(&got);
             }
         }
-        // Part of a header: wait for the rest. Peeking again would return at
-        // once with the same bytes, so poll gently (rare: a header is one
-        // segment). The caller's timeout bounds it.
-        if n == seen {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        Kind::Other | Kind::Undecided => {
+            Err("the connection did not start with a PROXY protocol header".into())
         }
-        seen = n;
     }
 }
 
@@ -482,6 +526,43 @@ mod tests {
         });
         let (mut s, _) = listener.accept().await.unwrap();
         assert_eq!(read(&mut s, false).await.unwrap(), Header::Absent);
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
+        drop(client.await.unwrap());
+
+        // Optional and present, its CRLF split across two segments: read up
+        // to the LF, no further.
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(at).await.unwrap();
+            c.write_all(b"PROXY UNKNOWN\r").await.unwrap();
+            c.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            c.write_all(b"\nGET / HTTP/1.1\r\n").await.unwrap();
+            c
+        });
+        let (mut s, _) = listener.accept().await.unwrap();
+        assert_eq!(read(&mut s, false).await.unwrap(), Header::Local);
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
+        drop(client.await.unwrap());
+
+        // Version 2, optional, with the request in the same segment.
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(at).await.unwrap();
+            let mut bytes = v2(
+                addr("203.0.113.7:51000"),
+                addr("198.51.100.1:443"),
+                &[0xea, 0, 1, 7],
+            );
+            bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
+            c.write_all(&bytes).await.unwrap();
+            c
+        });
+        let (mut s, _) = listener.accept().await.unwrap();
+        assert!(matches!(
+            read(&mut s, false).await.unwrap(),
+            Header::Proxied { .. }
+        ));
         s.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
         drop(client.await.unwrap());

@@ -1745,6 +1745,10 @@ mod tests {
         assert!(c("10.1.2.3/8").unwrap_err().contains("`10.0.0.0/8`"));
         assert!(c("10.0.0.0/33").unwrap_err().contains("0 to 32"));
         assert!(c("10.0.0/8").is_err());
+        // An IPv4-mapped range is the IPv4 range (clients are compared so).
+        let mapped = c("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!(mapped.contains("::ffff:10.9.9.9".parse().unwrap()));
         assert!(c("example.com").is_err());
     }
 

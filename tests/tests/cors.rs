@@ -106,12 +106,16 @@ each_proto!(
             }
             let r = req.send().await;
             assert_eq!(r.header("access-control-allow-origin"), None, "{origin:?}");
-            assert_eq!(r.header("vary"), None, "{origin:?}");
+            // A cache must not serve this answer to an allowed origin.
+            assert_eq!(r.header("vary"), Some("origin"), "{origin:?}");
         }
         // The route's own policy replaces the virtual host's: any origin,
         // no credentials, nothing exposed.
         let r = c.get("/public/x").header("origin", "https://evil.example").send().await;
         assert_eq!(r.header("access-control-allow-origin"), Some("https://evil.example"));
+        // Not the `null` origin of sandboxed frames, though.
+        let r = c.get("/public/x").header("origin", "null").send().await;
+        assert_eq!(r.header("access-control-allow-origin"), None);
         assert_eq!(r.header("access-control-allow-credentials"), None);
         assert_eq!(r.header("access-control-expose-headers"), None);
     }

@@ -524,7 +524,12 @@ async fn grpc_check(
         }
         // A trailers-only answer has its status in the head.
         let head_status = resp.headers().get("grpc-status").cloned();
-        let collected = resp.into_body().collect().await.map_err(net)?;
+        // A health answer is a few bytes; the cap keeps a broken server from
+        // making the check hold its whole body.
+        let collected = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| answer(format!("reading the answer: {e}")))?;
         let trailers = collected.trailers().cloned();
         let status = trailers
             .as_ref()

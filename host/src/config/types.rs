@@ -362,6 +362,14 @@ impl Cidr {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
         };
+        // `::ffff:10.0.0.0/104` is `10.0.0.0/8`: clients are compared as IPv4.
+        let (addr, prefix) = match addr {
+            std::net::IpAddr::V6(v6) if prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => (std::net::IpAddr::V4(v4), prefix - 96),
+                None => (addr, prefix),
+            },
+            _ => (addr, prefix),
+        };
         let cidr = Cidr { addr, prefix };
         if cidr.network() != addr {
             return Err(format!(

@@ -1300,6 +1300,21 @@ fn validate_cors(e: &mut Issues, loc: &Location, c: &crate::config::Cors) {
         .key("cors")
         .key("allow_origins");
     }
+    if c.allow_credentials
+        && c.allow_origins
+            .iter()
+            .any(|o| o.exact.as_deref() == Some("*"))
+    {
+        e.at(
+            loc,
+            "`cors.allow_credentials: true` with `{ exact: \"*\" }` in `allow_origins`",
+            "with credentials every site could read its visitors' answers (browsers refuse `*` \
+             with credentials for this reason, and Legate answers with the origin itself): list \
+             the origins allowed, or drop `allow_credentials`",
+        )
+        .key("cors")
+        .key("allow_credentials");
+    }
     for (i, o) in c.allow_origins.iter().enumerate() {
         validate_string_match(e, loc, "a `cors.allow_origins` entry", o, &|issue| {
             issue.key("cors").key("allow_origins").index(i);
