@@ -481,6 +481,31 @@ fn add_debug_headers(conn: &ConnCtx, out: &Outcome, start: Instant, h: &mut http
     crate::overrides::debug_headers(h, &debug);
 }
 
+/// What routes read of a request's connection ([`RouteInput`]), for the
+/// matches of one request.
+struct Downstream<'c> {
+    https: bool,
+    client_cert: Option<&'c crate::tls::PeerCert>,
+    client_ip: std::net::IpAddr,
+}
+
+impl<'c> Downstream<'c> {
+    fn input<'a>(&self, req: &'a Request<Body>, authority: &'a str) -> RouteInput<'a>
+    where
+        'c: 'a,
+    {
+        RouteInput {
+            method: req.method(),
+            uri: req.uri(),
+            authority,
+            headers: req.headers(),
+            scheme_https: self.https,
+            client_cert: self.client_cert,
+            client_ip: self.client_ip,
+        }
+    }
+}
+
 /// `upgrade`: the request asks for a protocol upgrade (WebSocket; not `h2c`,
 /// which is served as a plain request), as [`handle`] decided it.
 async fn proxy(
@@ -560,7 +585,11 @@ async fn proxy(
     // appends the peer (validation ties the hops to `trust_downstream`).
     let client = proxy_headers::trusted_client(req.headers(), http.xff_num_trusted_hops);
     out.client = client;
-    let client_ip = client.unwrap_or(conn.peer.ip());
+    let downstream = Downstream {
+        https,
+        client_cert,
+        client_ip: client.unwrap_or(conn.peer.ip()),
+    };
     let ov = {
         // Sanitised before filters and routes see the request (as Envoy's
         // connection manager does): hop-by-hop headers out first, so that a
@@ -601,15 +630,7 @@ async fn proxy(
         // (Envoy decides when it creates the filter chain); without a route, by
         // the listener's list (a filter may still route it). The route it is
         // forwarded on is checked again below, in case a filter moved it.
-        let input = RouteInput {
-            method: req.method(),
-            uri: req.uri(),
-            authority: &authority,
-            headers: req.headers(),
-            scheme_https: https,
-            client_cert,
-            client_ip,
-        };
+        let input = downstream.input(&req, &authority);
         let m = table.route(&input);
         if let Err(e) = check_upgrade(token, m.as_ref().map(|m| m.route), http, &listener.stats) {
             out.route = m.as_ref().map(|m| m.route.id.clone());
@@ -619,15 +640,7 @@ async fn proxy(
     if table.has_cors() && req.headers().contains_key(header::ORIGIN) {
         // Before the filters, as Envoy's CORS filter comes first: a preflight
         // needs no credentials, so authentication must not refuse it.
-        let input = RouteInput {
-            method: req.method(),
-            uri: req.uri(),
-            authority: &authority,
-            headers: req.headers(),
-            scheme_https: https,
-            client_cert,
-            client_ip,
-        };
+        let input = downstream.input(&req, &authority);
         if let Some(m) = table.route(&input) {
             let allowed = m.cors().and_then(|p| p.check(&req));
             if let Some((policy, origin)) = &allowed {
@@ -676,15 +689,7 @@ async fn proxy(
             // Matched only for a buffered body (a route match is ~0.5k
             // instructions, and the request is matched again below anyway).
             let limit = |req: &Request<Body>, authority: &str| {
-                let input = RouteInput {
-                    method: req.method(),
-                    uri: req.uri(),
-                    authority,
-                    headers: req.headers(),
-                    scheme_https: https,
-                    client_cert,
-                    client_ip,
-                };
+                let input = downstream.input(req, authority);
                 let route = table.route(&input).map_or_else(
                     || Some(crate::config::defaults::route_timeout().get()),
                     |m| m.route.timeout,
@@ -693,15 +698,7 @@ async fn proxy(
             };
             local = request_body(out, &mut req, &mut authority, limit).await;
         }
-        let input = RouteInput {
-            method: req.method(),
-            uri: req.uri(),
-            authority: &authority,
-            headers: req.headers(),
-            scheme_https: https,
-            client_cert,
-            client_ip,
-        };
+        let input = downstream.input(&req, &authority);
         let local = match local {
             Ok(local) => local,
             // A plugin failure (or the client's) in the request phases: an answer
@@ -731,15 +728,7 @@ async fn proxy(
             return response_filters(out, resp).await;
         }
     }
-    let input = RouteInput {
-        method: req.method(),
-        uri: req.uri(),
-        authority: &authority,
-        headers: req.headers(),
-        scheme_https: https,
-        client_cert,
-        client_ip,
-    };
+    let input = downstream.input(&req, &authority);
     let Some(matched) = table.route(&input) else {
         return Err(ProxyError::new(
             Kind::NoRoute,

@@ -488,94 +488,67 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn only_the_header_is_consumed() {
+    /// Reads the header (`required` or not) of a connection whose client sends
+    /// `segments` 20ms apart, then checks that what follows is the request line.
+    async fn read_from(segments: &[&[u8]], required: bool) -> Result<Header, String> {
         use tokio::io::AsyncWriteExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = listener.local_addr().unwrap();
+        let segments: Vec<Vec<u8>> = segments.iter().map(|s| s.to_vec()).collect();
         let client = tokio::spawn(async move {
             let mut c = TcpStream::connect(at).await.unwrap();
-            // The header in two segments, then the connection's own bytes.
-            c.write_all(b"PROXY TCP4 203.0.113.7 ").await.unwrap();
-            c.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            c.write_all(b"198.51.100.1 51000 443\r\nGET / HTTP/1.1\r\n")
-                .await
-                .unwrap();
-            c
-        });
-        let (mut s, _) = listener.accept().await.unwrap();
-        let h = read(&mut s, true).await.unwrap();
-        assert_eq!(
-            h,
-            Header::Proxied {
-                source: addr("203.0.113.7:51000"),
-                destination: addr("198.51.100.1:443"),
+            for (i, seg) in segments.iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                c.write_all(seg).await.unwrap();
+                c.flush().await.unwrap();
             }
-        );
-        let mut rest = [0u8; 16];
-        s.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
-        drop(client.await.unwrap());
-
-        // Optional and absent: nothing consumed.
-        let client = tokio::spawn(async move {
-            let mut c = TcpStream::connect(at).await.unwrap();
-            c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
             c
         });
         let (mut s, _) = listener.accept().await.unwrap();
-        assert_eq!(read(&mut s, false).await.unwrap(), Header::Absent);
-        s.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
+        let h = read(&mut s, required).await;
+        if h.is_ok() {
+            let mut rest = [0u8; 16];
+            s.read_exact(&mut rest).await.unwrap();
+            assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
+        }
         drop(client.await.unwrap());
+        h
+    }
 
+    #[tokio::test]
+    async fn only_the_header_is_consumed() {
+        let proxied = Header::Proxied {
+            source: addr("203.0.113.7:51000"),
+            destination: addr("198.51.100.1:443"),
+        };
+        // The header in two segments, then the connection's own bytes.
+        let split = [
+            &b"PROXY TCP4 203.0.113.7 "[..],
+            b"198.51.100.1 51000 443\r\nGET / HTTP/1.1\r\n",
+        ];
+        assert_eq!(read_from(&split, true).await, Ok(proxied));
+        // Optional and absent: nothing consumed.
+        let plain = [&b"GET / HTTP/1.1\r\n"[..]];
+        assert_eq!(read_from(&plain, false).await, Ok(Header::Absent));
         // Optional and present, its CRLF split across two segments: read up
         // to the LF, no further.
-        let client = tokio::spawn(async move {
-            let mut c = TcpStream::connect(at).await.unwrap();
-            c.write_all(b"PROXY UNKNOWN\r").await.unwrap();
-            c.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            c.write_all(b"\nGET / HTTP/1.1\r\n").await.unwrap();
-            c
-        });
-        let (mut s, _) = listener.accept().await.unwrap();
-        assert_eq!(read(&mut s, false).await.unwrap(), Header::Local);
-        s.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
-        drop(client.await.unwrap());
-
+        let crlf = [&b"PROXY UNKNOWN\r"[..], b"\nGET / HTTP/1.1\r\n"];
+        assert_eq!(read_from(&crlf, false).await, Ok(Header::Local));
         // Version 2, optional, with the request in the same segment.
-        let client = tokio::spawn(async move {
-            let mut c = TcpStream::connect(at).await.unwrap();
-            let mut bytes = v2(
-                addr("203.0.113.7:51000"),
-                addr("198.51.100.1:443"),
-                &[0xea, 0, 1, 7],
-            );
-            bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
-            c.write_all(&bytes).await.unwrap();
-            c
-        });
-        let (mut s, _) = listener.accept().await.unwrap();
+        let mut bytes = v2(
+            addr("203.0.113.7:51000"),
+            addr("198.51.100.1:443"),
+            &[0xea, 0, 1, 7],
+        );
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
         assert!(matches!(
-            read(&mut s, false).await.unwrap(),
-            Header::Proxied { .. }
+            read_from(&[&bytes], false).await,
+            Ok(Header::Proxied { .. })
         ));
-        s.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
-        drop(client.await.unwrap());
-
         // Required and absent: an error.
-        let client = tokio::spawn(async move {
-            let mut c = TcpStream::connect(at).await.unwrap();
-            c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-            c
-        });
-        let (mut s, _) = listener.accept().await.unwrap();
-        let e = read(&mut s, true).await.unwrap_err();
+        let e = read_from(&plain, true).await.unwrap_err();
         assert!(e.contains("did not start with a PROXY"), "{e}");
-        drop(client.await.unwrap());
     }
 }

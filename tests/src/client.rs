@@ -745,3 +745,22 @@ where
     tokio::spawn(conn);
     sender
 }
+
+/// Sends `n` GETs for `path` and counts the answers by the upstream that gave
+/// them (`x-upstream`), or by status (`status 503`) when none did.
+pub async fn spread(
+    c: &mut Client,
+    path: &str,
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let r = c.get(path).send().await;
+        let who = match r.header("x-upstream") {
+            Some(u) if r.status == 200 => u.to_string(),
+            _ => format!("status {}", r.status.as_u16()),
+        };
+        *seen.entry(who).or_insert(0) += 1;
+    }
+    seen
+}

@@ -53,17 +53,17 @@ use std::time::{Duration, Instant};
 pub use bins::{assert_check_places, workspace_bin};
 pub use certs::{Ca, TempDir, TlsFiles};
 pub use client::{
-    client, raw, raw_h2, raw_status, tls_client, tls_raw, Client, Proto, RawConn, RequestBuilder,
-    Resp, TlsOptions,
+    client, raw, raw_h2, raw_status, spread, tls_client, tls_raw, Client, Proto, RawConn,
+    RequestBuilder, Resp, TlsOptions,
 };
 pub use dns::{DnsServer, DnsState};
 pub use guests::{abi_0_1_0_guest, network_guest, test_guest};
 pub use legate::{legate, LegateBuilder, LegateHandle};
 pub use stats::{assert_families_documented, parse_prometheus};
 pub use upstream::{
-    authz_upstream, checksum, echo, endless_tcp_server, grpc_echo, grpc_frame, pattern_bytes, sink,
-    source, tcp_echo_server, upgrade_echo_server, upstream, BoxBody, BoxError, ConnInfo, Counter,
-    EchoBody, TcpEchoHandle, TlsInfo, UpstreamBuilder, UpstreamHandle,
+    authz_upstream, checksum, echo, endless_tcp_server, grpc_echo, grpc_frame, health_checked,
+    pattern_bytes, sink, source, tcp_echo_server, upgrade_echo_server, upstream, BoxBody, BoxError,
+    ConnInfo, Counter, EchoBody, TcpEchoHandle, TlsInfo, UpstreamBuilder, UpstreamHandle,
 };
 
 // Re-exported so tests need no direct dependency on them.

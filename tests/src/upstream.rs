@@ -615,6 +615,33 @@ async fn handle(
     resp
 }
 
+/// An upstream named `name` whose `/healthz` answers 200 while `ok` is true and
+/// 503 after; every other path is echoed (with `x-upstream: name`).
+pub async fn health_checked(
+    name: &str,
+    ok: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> UpstreamHandle {
+    let ok = ok.clone();
+    upstream()
+        .name(name)
+        .route("/healthz", move |_req| {
+            let up = ok.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let mut r = Response::new(Full::new(Bytes::from_static(if up {
+                    b"ok\n"
+                } else {
+                    b"down\n"
+                })));
+                if !up {
+                    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                }
+                r
+            }
+        })
+        .start()
+        .await
+}
+
 /// What [`echo`] answers, as JSON.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EchoBody {

@@ -28,20 +28,6 @@ async fn until_stat(lg: &LegateHandle, series: &str, want: impl Fn(f64) -> bool,
     .await;
 }
 
-/// Sends `n` requests and counts the answers by `x-upstream` (or by status).
-async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for _ in 0..n {
-        let r = c.get("/work").send().await;
-        let who = match r.header("x-upstream") {
-            Some(u) if r.status == 200 => u.to_string(),
-            _ => format!("status {}", r.status.as_u16()),
-        };
-        *seen.entry(who).or_insert(0) += 1;
-    }
-    seen
-}
-
 fn who(seen: &BTreeMap<String, usize>) -> Vec<&str> {
     seen.keys().map(String::as_str).collect()
 }
@@ -110,25 +96,25 @@ each_proto!(
         let total = stat("membership_total", "backend");
         until_stat(&lg, &total, |v| v == 1.0, "== 1").await;
         let mut c = client(proto, lg.addr("web")).await;
-        assert_eq!(who(&spread(&mut c, 6).await), ["two"]);
+        assert_eq!(who(&spread(&mut c, "/work", 6).await), ["two"]);
 
         // The name now resolves to both: both get traffic.
         dns.state.set(&[V2, V3]);
         until_stat(&lg, &total, |v| v == 2.0, "== 2").await;
-        let both = spread(&mut c, 10).await;
+        let both = spread(&mut c, "/work", 10).await;
         assert_eq!((both.get("two"), both.get("three")), (Some(&5), Some(&5)), "{both:?}");
 
         // The name moves to .3 only.
         dns.state.set(&[V3]);
         until_stat(&lg, &total, |v| v == 1.0, "== 1").await;
-        assert_eq!(who(&spread(&mut c, 6).await), ["three"]);
+        assert_eq!(who(&spread(&mut c, "/work", 6).await), ["three"]);
 
         // The server fails: the endpoints stay as they were.
         let failures = stat("discovery_update_failure", "backend");
         assert_eq!(lg.stat(&failures).await, Some(0.0));
         dns.state.servfail.store(true, Ordering::SeqCst);
         until_stat(&lg, &failures, |v| v >= 2.0, ">= 2").await;
-        assert_eq!(who(&spread(&mut c, 6).await), ["three"]);
+        assert_eq!(who(&spread(&mut c, "/work", 6).await), ["three"]);
         assert_eq!(lg.stat(&total).await, Some(1.0));
         lg.assert_stat_with(&stat("discovery_update_success", "backend"), |v| v >= 3.0, ">= 3")
             .await;
@@ -155,11 +141,11 @@ each_proto!(
         until_stat(&lg, &success, |v| v >= 1.0, ">= 1").await;
         assert_eq!(lg.stat(&stat("membership_total", "backend")).await, Some(1.0));
         let mut c = client(proto, lg.addr("web")).await;
-        assert_eq!(who(&spread(&mut c, 6).await), ["two"]);
+        assert_eq!(who(&spread(&mut c, "/work", 6).await), ["two"]);
 
         dns.state.set(&[V3, V2]);
         until_stat(&lg, &success, |v| v >= 2.0, ">= 2").await;
-        assert_eq!(who(&spread(&mut c, 6).await), ["three"]);
+        assert_eq!(who(&spread(&mut c, "/work", 6).await), ["three"]);
         assert_eq!(lg.stat(&stat("membership_total", "backend")).await, Some(1.0));
     }
 );
@@ -181,7 +167,7 @@ each_proto!(
         until_stat(&lg, &stat("discovery_update_failure", "backend"), |v| v >= 2.0, ">= 2").await;
         assert_eq!(lg.stat(&stat("membership_total", "backend")).await, Some(1.0));
         let mut c = client(proto, lg.addr("web")).await;
-        assert_eq!(who(&spread(&mut c, 4).await), ["two"]);
+        assert_eq!(who(&spread(&mut c, "/work", 4).await), ["two"]);
         // The answers of the name that resolves are still followed.
         dns.state.set(&[V3]);
         eventually(WAIT, "the move to .3", || {
@@ -192,7 +178,7 @@ each_proto!(
             }
         })
         .await;
-        assert_eq!(who(&spread(&mut c, 4).await), ["three"]);
+        assert_eq!(who(&spread(&mut c, "/work", 4).await), ["three"]);
     }
 );
 
@@ -213,19 +199,19 @@ each_proto!(
         let total = stat("membership_total", "backend");
         until_stat(&lg, &total, |v| v == 1.0, "== 1").await;
         let mut c = client(proto, lg.addr("web")).await;
-        assert_eq!(who(&spread(&mut c, 4).await), ["two"]);
+        assert_eq!(who(&spread(&mut c, "/work", 4).await), ["two"]);
         let success = stat("discovery_update_success", "backend");
         let before = lg.stat(&success).await.unwrap_or(0.0);
         dns.state.set(&[V3, V2]);
         until_stat(&lg, &success, |v| v > before, "a new generation").await;
         assert_eq!(lg.stat(&total).await, Some(1.0));
-        assert_eq!(who(&spread(&mut c, 4).await), ["three"]);
+        assert_eq!(who(&spread(&mut c, "/work", 4).await), ["three"]);
         // And back: still one.
         let before = lg.stat(&success).await.unwrap_or(0.0);
         dns.state.set(&[V2, V3]);
         until_stat(&lg, &success, |v| v > before, "a new generation").await;
         assert_eq!(lg.stat(&total).await, Some(1.0));
-        assert_eq!(who(&spread(&mut c, 4).await), ["two"]);
+        assert_eq!(who(&spread(&mut c, "/work", 4).await), ["two"]);
     }
 );
 
@@ -251,7 +237,7 @@ async fn dns_cluster_without_an_answer_yet_is_503_then_serves() {
         "== 1",
     )
     .await;
-    assert_eq!(who(&spread(&mut c, 3).await), ["three"]);
+    assert_eq!(who(&spread(&mut c, "/work", 3).await), ["three"]);
 }
 
 each_proto!(
@@ -277,7 +263,7 @@ each_proto!(
         dns.state.set(&[V3]);
         dns.state.servfail.store(false, Ordering::SeqCst);
         until_stat(&lg, &stat("membership_total", "backend"), |v| v == 1.0, "== 1").await;
-        assert_eq!(who(&spread(&mut c, 4).await), ["three"]);
+        assert_eq!(who(&spread(&mut c, "/work", 4).await), ["three"]);
         lg.assert_stat(&stat("upstream_rq_2xx", "backend"), 4.0).await;
         lg.assert_stat(&stat("discovery_update_success", "backend"), 1.0).await;
         let failed = lg.stat(&failures).await.unwrap();
@@ -318,7 +304,7 @@ each_proto!(
         .await;
         assert_eq!(dns.state.a_queries("slow.test"), 1);
         let mut c = client(proto, lg.addr("web")).await;
-        assert_eq!(who(&spread(&mut c, 2).await), ["two"]);
+        assert_eq!(who(&spread(&mut c, "/work", 2).await), ["two"]);
         // One endpoint per name (both at .2).
         assert_eq!(lg.stat(&stat("membership_total", "backend")).await, Some(2.0));
     }
@@ -412,7 +398,7 @@ each_proto!(
 
         let traffic = Traffic::start(proto, lg.addr("web")).await;
         let mut c = client(proto, lg.addr("web")).await;
-        assert_eq!(who(&spread(&mut c, 4).await), ["a"]);
+        assert_eq!(who(&spread(&mut c, "/work", 4).await), ["a"]);
 
         // Add b. (The traffic and this client share one worker's rotation, so
         // between them they see both.)
@@ -432,7 +418,7 @@ each_proto!(
         // Remove a while traffic flows: no request fails.
         write_endpoints(&dir, &endpoints_yaml(&[(b.addr, 1)]));
         until_stat(&lg, &total, |v| v == 1.0, "== 1").await;
-        assert_eq!(who(&spread(&mut c, 6).await), ["b"]);
+        assert_eq!(who(&spread(&mut c, "/work", 6).await), ["b"]);
         traffic.reset();
         traffic.until_seen(&["b"]).await;
         let (ok, bad) = traffic.finish().await;
@@ -444,7 +430,7 @@ each_proto!(
         // over whole periods).
         write_endpoints(&dir, &endpoints_yaml(&[(a.addr, 1), (b.addr, 3)]));
         until_stat(&lg, &success, |v| v == 3.0, "== 3").await;
-        let w = spread(&mut c, 40).await;
+        let w = spread(&mut c, "/work", 40).await;
         assert_eq!((w.get("a"), w.get("b")), (Some(&10), Some(&30)), "{w:?}");
         let (_, body) = lg.admin_get("/clusters").await;
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -489,19 +475,19 @@ async fn health_has_primacy_over_the_endpoint_file() {
     until_stat(&lg, &kept, |v| v == 1.0, "== 1").await;
     assert_eq!(lg.stat(&total).await, Some(2.0));
     let mut c = client(Proto::H1, lg.addr("web")).await;
-    assert_eq!(who(&spread(&mut c, 10).await), ["a", "b"]);
+    assert_eq!(who(&spread(&mut c, "/work", 10).await), ["a", "b"]);
 
     // b fails its checks: out of rotation at once, then out of the cluster.
     b_ok.store(false, Ordering::SeqCst);
     until_stat(&lg, &total, |v| v == 1.0, "== 1").await;
     assert_eq!(lg.stat(&kept).await, Some(0.0));
-    assert_eq!(who(&spread(&mut c, 6).await), ["a"]);
+    assert_eq!(who(&spread(&mut c, "/work", 6).await), ["a"]);
 
     // Listed again (and healthy again): back in, checked afresh.
     b_ok.store(true, Ordering::SeqCst);
     write_endpoints(&dir, &endpoints_yaml(&[(a.addr, 1), (b.addr, 1)]));
     until_stat(&lg, &total, |v| v == 2.0, "== 2").await;
-    assert_eq!(who(&spread(&mut c, 10).await), ["a", "b"]);
+    assert_eq!(who(&spread(&mut c, "/work", 10).await), ["a", "b"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,7 +550,11 @@ async fn ready_waits_for_the_first_dns_answer() {
     .await;
     for proto in [Proto::H1, Proto::H2] {
         let mut c = client(proto, lg.addr("web")).await;
-        assert_eq!(who(&spread(&mut c, 2).await), ["three"], "{proto:?}");
+        assert_eq!(
+            who(&spread(&mut c, "/work", 2).await),
+            ["three"],
+            "{proto:?}"
+        );
     }
     lg.assert_stat(&stat("upstream_rq_2xx", "backend"), 4.0)
         .await;

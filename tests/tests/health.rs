@@ -5,7 +5,6 @@
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,47 +24,12 @@ fn text(status: u16, body: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
-/// An upstream named `name` whose `/healthz` answers 200 while `healthy` is true and
-/// 503 otherwise; every other path is echoed.
-async fn checked(name: &str, healthy: &Arc<AtomicBool>) -> UpstreamHandle {
-    let healthy = healthy.clone();
-    upstream()
-        .name(name)
-        .route("/healthz", move |_req| {
-            let ok = healthy.load(Ordering::SeqCst);
-            async move {
-                if ok {
-                    text(200, "ok\n")
-                } else {
-                    text(503, "draining\n")
-                }
-            }
-        })
-        .start()
-        .await
-}
-
 /// Waits until the gauge `series` equals `want`.
 async fn until_stat(lg: &LegateHandle, series: &str, want: f64) {
     eventually(WAIT, &format!("{series} == {want}"), || async {
         (lg.stat(series).await == Some(want)).then_some(())
     })
     .await;
-}
-
-/// Sends `n` requests and counts the answers by `x-upstream` (or by status when an
-/// upstream did not answer).
-async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for _ in 0..n {
-        let r = c.get("/work").send().await;
-        let who = match r.header("x-upstream") {
-            Some(u) if r.status == 200 => u.to_string(),
-            _ => format!("status {}", r.status.as_u16()),
-        };
-        *seen.entry(who).or_insert(0) += 1;
-    }
-    seen
 }
 
 /// The `health` object of endpoint `addr` in `/clusters`.
@@ -98,8 +62,8 @@ each_proto!(
             Arc::new(AtomicBool::new(true)),
             Arc::new(AtomicBool::new(true)),
         );
-        let a = checked("a", &a_ok).await;
-        let b = checked("b", &b_ok).await;
+        let a = health_checked("a", &a_ok).await;
+        let b = health_checked("b", &b_ok).await;
         let cluster = format!(
             "{}    health_check:
       http: {{ path: /healthz, host: health.internal }}
@@ -122,14 +86,14 @@ each_proto!(
         .await;
         assert_eq!(lg.stat(&healthy).await, Some(2.0));
         let mut c = client(proto, lg.addr("web")).await;
-        let both = spread(&mut c, 10).await;
+        let both = spread(&mut c, "/work", 10).await;
         assert_eq!((both.get("a"), both.get("b")), (Some(&5), Some(&5)), "{both:?}");
 
         // b starts answering 503 on its health endpoint: out at the next check,
         // whatever the threshold (an unhealthy answer is believed at once).
         b_ok.store(false, Ordering::SeqCst);
         until_stat(&lg, &healthy, 1.0).await;
-        let only_a = spread(&mut c, 20).await;
+        let only_a = spread(&mut c, "/work", 20).await;
         assert_eq!(only_a.get("a"), Some(&20), "{only_a:?}");
         let h = endpoint_health(&lg, b.addr).await;
         assert_eq!(h["status"], "unhealthy", "{h}");
@@ -142,7 +106,7 @@ each_proto!(
         // b recovers: back after two passed checks.
         b_ok.store(true, Ordering::SeqCst);
         until_stat(&lg, &healthy, 2.0).await;
-        let again = spread(&mut c, 10).await;
+        let again = spread(&mut c, "/work", 10).await;
         assert_eq!((again.get("a"), again.get("b")), (Some(&5), Some(&5)), "{again:?}");
         assert_eq!(endpoint_health(&lg, b.addr).await["status"], "healthy");
         assert_eq!(lg.stat(&stat("lb_healthy_panic", "backend")).await, Some(0.0));
@@ -263,7 +227,7 @@ each_proto!(
         let (traffic_checks, admin_checks) = (Arc::default(), Arc::default());
         // The traffic port passes any check it gets; the health port fails them.
         let traffic = host_recording(&traffic_checks).await;
-        let sick = checked("sick-admin", &Arc::new(AtomicBool::new(false))).await;
+        let sick = health_checked("sick-admin", &Arc::new(AtomicBool::new(false))).await;
         let admin = host_recording(&admin_checks).await;
         let dir = TempDir::new();
         let path = dir.path().join("endpoints.yaml");
@@ -330,7 +294,7 @@ each_proto!(
         // The first check decides at once: the dead endpoint is out.
         until_stat(&lg, &stat("membership_healthy", "backend"), 1.0).await;
         let mut c = client(proto, lg.addr("web")).await;
-        let seen = spread(&mut c, 10).await;
+        let seen = spread(&mut c, "/work", 10).await;
         assert_eq!(seen.get("a"), Some(&10), "{seen:?}");
         let h = endpoint_health(&lg, dead).await;
         assert!(
@@ -449,7 +413,7 @@ each_proto!(
             .start();
         let mut c = client(proto, lg.addr("web")).await;
         // Round robin: the bad endpoint gets every other request until ejected.
-        let before = spread(&mut c, 6).await;
+        let before = spread(&mut c, "/work", 6).await;
         assert_eq!(before.get("status 500"), Some(&3), "{before:?}");
         lg.assert_stat(&stat("outlier_detection_ejections_consecutive_5xx", "backend"), 1.0)
             .await;
@@ -462,14 +426,14 @@ each_proto!(
         assert_eq!(h["outlier"]["ejected"], true, "{h}");
         assert_eq!(h["outlier"]["last_ejection_reason"], "consecutive_5xx", "{h}");
         let requests_to_bad = bad.requests.get();
-        let during = spread(&mut c, 20).await;
+        let during = spread(&mut c, "/work", 20).await;
         assert_eq!(during.get("good"), Some(&20), "{during:?}");
         assert_eq!(bad.requests.get(), requests_to_bad, "an ejected endpoint got requests");
 
         // It recovers; its ejection time ends and it is back in rotation.
         failing.store(false, Ordering::SeqCst);
         until_stat(&lg, &stat("outlier_detection_ejections_active", "backend"), 0.0).await;
-        let after = spread(&mut c, 10).await;
+        let after = spread(&mut c, "/work", 10).await;
         assert_eq!((after.get("good"), after.get("bad")), (Some(&5), Some(&5)), "{after:?}");
         assert_eq!(
             lg.stat(&stat("outlier_detection_ejections_total", "backend")).await,
@@ -491,7 +455,7 @@ each_proto!(
             .start();
         let mut c = client(proto, lg.addr("web")).await;
         // Every request succeeds: the connect failures are retried on the good one.
-        let seen = spread(&mut c, 20).await;
+        let seen = spread(&mut c, "/work", 20).await;
         assert_eq!(seen.get("good"), Some(&20), "{seen:?}");
         lg.assert_stat(
             &stat("outlier_detection_ejections_consecutive_gateway_failure", "backend"),
@@ -508,9 +472,9 @@ each_proto!(
     async fn panic_mode_uses_every_endpoint(proto) {
         let oks: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(true))).collect();
         let ups = [
-            checked("a", &oks[0]).await,
-            checked("b", &oks[1]).await,
-            checked("c", &oks[2]).await,
+            health_checked("a", &oks[0]).await,
+            health_checked("b", &oks[1]).await,
+            health_checked("c", &oks[2]).await,
         ];
         let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
         let hc = "    health_check: { http: { path: /healthz }, interval: 50ms }\n";
@@ -532,7 +496,7 @@ each_proto!(
 
         // One of three available is below 50%: panic, all three are used.
         let mut c = client(proto, lg.addr("web")).await;
-        let seen = spread(&mut c, 30).await;
+        let seen = spread(&mut c, "/work", 30).await;
         for name in ["a", "b", "c"] {
             assert_eq!(seen.get(name), Some(&10), "{seen:?}");
         }
@@ -541,7 +505,7 @@ each_proto!(
 
         // Without panic mode, only the healthy one.
         let mut s = client(proto, strict.addr("web")).await;
-        let seen = spread(&mut s, 10).await;
+        let seen = spread(&mut s, "/work", 10).await;
         assert_eq!(seen.get("c"), Some(&10), "{seen:?}");
         assert_eq!(strict.stat(&stat("lb_healthy_panic", "backend")).await, Some(0.0));
 
@@ -607,20 +571,21 @@ each_proto!(
     }
 );
 
-/// Over `max_connections`, an HTTP/1.1 attempt waits as a pending request for
-/// a connection to come free, as in Envoy, up to `max_pending_requests`; past
-/// that it gets 503. (It got 503 at once: a short burst over the limit failed
-/// although the connections were about to be free.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_queues_http1_attempts_up_to_max_pending_requests() {
+/// An HTTP/1.1 cluster with `cluster_extra` (its breakers) over an upstream that
+/// holds requests until `release`, and a first request held there: the
+/// connection it took is busy.
+async fn one_connection_held(
+    cluster_extra: &str,
+) -> (
+    Arc<AtomicBool>,
+    UpstreamHandle,
+    LegateHandle,
+    tokio::task::JoinHandle<Resp>,
+) {
     let release = Arc::new(AtomicBool::new(false));
     let up = upstream().hold_until(&release).start().await;
     let lg = legate()
-        .config(&simple_config_with(
-            &[up.addr],
-            "",
-            "    protocol: http1\n    circuit_breakers: { max_connections: 1, max_pending_requests: 1 }\n",
-        ))
+        .config(&simple_config_with(&[up.addr], "", cluster_extra))
         .start();
     let addr = lg.addr("web");
     let first =
@@ -629,6 +594,17 @@ async fn max_connections_queues_http1_attempts_up_to_max_pending_requests() {
         (up.in_flight.get() == 1).then_some(())
     })
     .await;
+    (release, up, lg, first)
+}
+
+/// Over `max_connections`, an HTTP/1.1 attempt waits as a pending request for
+/// a connection to come free, as in Envoy, up to `max_pending_requests`; past
+/// that it gets 503. (It got 503 at once: a short burst over the limit failed
+/// although the connections were about to be free.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_queues_http1_attempts_up_to_max_pending_requests() {
+    let (release, up, lg, first) = one_connection_held("    protocol: http1\n    circuit_breakers: { max_connections: 1, max_pending_requests: 1 }\n").await;
+    let addr = lg.addr("web");
     // The one connection is busy with an HTTP/1.1 request: the second waits.
     let second =
         tokio::spawn(async move { client(Proto::H1, addr).await.get("/second").send().await });
@@ -681,22 +657,10 @@ async fn max_connections_queues_http1_attempts_up_to_max_pending_requests() {
 /// connection on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_attempts_take_the_connection_in_turn() {
-    let release = Arc::new(AtomicBool::new(false));
-    let up = upstream().hold_until(&release).start().await;
-    let lg = legate()
-        .config(&simple_config_with(
-            &[up.addr],
-            "",
-            "    protocol: http1\n    circuit_breakers: { max_connections: 1 }\n",
-        ))
-        .start();
+    let (release, up, lg, first) =
+        one_connection_held("    protocol: http1\n    circuit_breakers: { max_connections: 1 }\n")
+            .await;
     let addr = lg.addr("web");
-    let first =
-        tokio::spawn(async move { client(Proto::H1, addr).await.get("/slow").send().await });
-    eventually(WAIT, "the first request upstream", || async {
-        (up.in_flight.get() == 1).then_some(())
-    })
-    .await;
     let waiting: Vec<_> = (0..3)
         .map(|i| {
             tokio::spawn(async move {
@@ -725,22 +689,8 @@ async fn waiting_attempts_take_the_connection_in_turn() {
 /// pool opens its own: the closed one's slot is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_attempt_opens_a_connection_when_the_busy_one_closes() {
-    let release = Arc::new(AtomicBool::new(false));
-    let up = upstream().hold_until(&release).start().await;
-    let lg = legate()
-        .config(&simple_config_with(
-            &[up.addr],
-            "",
-            "    protocol: http1\n    max_idle_per_endpoint: 0\n    circuit_breakers: { max_connections: 1 }\n",
-        ))
-        .start();
+    let (release, up, lg, first) = one_connection_held("    protocol: http1\n    max_idle_per_endpoint: 0\n    circuit_breakers: { max_connections: 1 }\n").await;
     let addr = lg.addr("web");
-    let first =
-        tokio::spawn(async move { client(Proto::H1, addr).await.get("/slow").send().await });
-    eventually(WAIT, "the first request upstream", || async {
-        (up.in_flight.get() == 1).then_some(())
-    })
-    .await;
     let second =
         tokio::spawn(async move { client(Proto::H1, addr).await.get("/second").send().await });
     lg.assert_stat(&stat("upstream_rq_pending_active", "backend"), 1.0)
@@ -780,9 +730,9 @@ each_proto!(
     async fn killing_one_of_three_under_load_keeps_traffic_flowing(proto) {
         let oks: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(true))).collect();
         let ups = [
-            checked("a", &oks[0]).await,
-            checked("b", &oks[1]).await,
-            checked("c", &oks[2]).await,
+            health_checked("a", &oks[0]).await,
+            health_checked("b", &oks[1]).await,
+            health_checked("c", &oks[2]).await,
         ];
         let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
         let lg = legate()
@@ -966,13 +916,13 @@ each_proto!(
         let deadline = std::time::Instant::now() + WAIT;
         while lg.stat(&ejected).await != Some(1.0) {
             assert!(std::time::Instant::now() < deadline, "no success-rate ejection");
-            spread(&mut c, 30).await;
+            spread(&mut c, "/work", 30).await;
         }
         assert_eq!(
             endpoint_health(&lg, bad.addr).await["outlier"]["last_ejection_reason"],
             "success_rate"
         );
-        let seen = spread(&mut c, 20).await;
+        let seen = spread(&mut c, "/work", 20).await;
         assert_eq!(seen.get("bad"), None, "{seen:?}");
         assert_eq!(seen.get("status 500"), None, "{seen:?}");
         assert_eq!(
@@ -1022,7 +972,7 @@ each_proto!(
         let active = stat("outlier_detection_ejections_active", "backend");
         let mut c = client(proto, lg.addr("web")).await;
         serve_ok.store(false, Ordering::SeqCst);
-        spread(&mut c, 4).await;
+        spread(&mut c, "/work", 4).await;
         lg.assert_stat(&active, 1.0).await;
         // The checks see it fail too, then recover: that ends the hour-long ejection.
         health_ok.store(false, Ordering::SeqCst);
@@ -1036,7 +986,7 @@ each_proto!(
         health_ok.store(true, Ordering::SeqCst);
         until_stat(&lg, &healthy, 2.0).await;
         assert_eq!(lg.stat(&active).await, Some(0.0));
-        let seen = spread(&mut c, 10).await;
+        let seen = spread(&mut c, "/work", 10).await;
         assert_eq!((seen.get("good"), seen.get("bad")), (Some(&5), Some(&5)), "{seen:?}");
     }
 );
@@ -1139,7 +1089,7 @@ each_proto!(
         let overflow = stat("outlier_detection_ejections_overflow", "backend");
         let healthy = stat("membership_healthy", "backend");
         let mut cl = client(proto, lg.addr("web")).await;
-        spread(&mut cl, 6).await;
+        spread(&mut cl, "/work", 6).await;
         lg.assert_stat(&ejections, 1.0).await;
         assert_eq!(lg.stat(&active).await, Some(1.0));
         assert_eq!(lg.stat(&healthy).await, Some(2.0));
@@ -1152,7 +1102,7 @@ each_proto!(
         assert_eq!(lg.stat(&healthy).await, Some(3.0));
         assert_eq!(endpoint_health(&lg, b.addr).await["outlier"]["ejected"], false);
         // Still failing: ejected again, not refused as an overflow.
-        spread(&mut cl, 8).await;
+        spread(&mut cl, "/work", 8).await;
         lg.assert_stat(&ejections, 2.0).await;
         assert_eq!(lg.stat(&active).await, Some(1.0));
         assert_eq!(lg.stat(&overflow).await, Some(0.0));
@@ -1164,12 +1114,12 @@ each_proto!(
         assert_eq!(lg.stat(&healthy).await, Some(2.0));
         // So c, failing now, can be ejected.
         c_fails.store(true, Ordering::SeqCst);
-        spread(&mut cl, 4).await;
+        spread(&mut cl, "/work", 4).await;
         lg.assert_stat(&ejections, 3.0).await;
         assert_eq!(lg.stat(&active).await, Some(1.0));
         assert_eq!(lg.stat(&overflow).await, Some(0.0));
         assert_eq!(endpoint_health(&lg, c.addr).await["outlier"]["ejected"], true);
-        let seen = spread(&mut cl, 4).await;
+        let seen = spread(&mut cl, "/work", 4).await;
         assert_eq!(seen.get("a"), Some(&4), "{seen:?}");
     }
 );
@@ -1226,7 +1176,7 @@ each_proto!(
         // The one ejection allowed is there for c when it fails.
         c_fails.store(true, Ordering::SeqCst);
         let mut cl = client(proto, addr).await;
-        spread(&mut cl, 2).await;
+        spread(&mut cl, "/work", 2).await;
         lg.assert_stat(
             &stat("outlier_detection_ejections_consecutive_gateway_failure", "backend"),
             1.0,
@@ -1253,7 +1203,7 @@ each_proto!(
             ))
             .start();
         let mut c = client(proto, lg.addr("web")).await;
-        let seen = spread(&mut c, 4).await;
+        let seen = spread(&mut c, "/work", 4).await;
         assert_eq!(
             (seen.get("a"), seen.get("status 504")),
             (Some(&2), Some(&2)),
@@ -1273,7 +1223,7 @@ each_proto!(
         .await;
         assert_eq!(endpoint_health(&lg, slow.addr).await["outlier"]["ejected"], true);
         assert_eq!(lg.stat(&stat("upstream_rq_active", "backend")).await, Some(0.0));
-        let after = spread(&mut c, 6).await;
+        let after = spread(&mut c, "/work", 6).await;
         assert_eq!(after.get("a"), Some(&6), "{after:?}");
         assert_eq!(slow.requests.get(), 2);
     }
@@ -1409,8 +1359,8 @@ each_proto!(
             Arc::new(AtomicBool::new(true)),
             Arc::new(AtomicBool::new(true)),
         );
-        let a = checked("a", &a_ok).await;
-        let b = checked("b", &b_ok).await;
+        let a = health_checked("a", &a_ok).await;
+        let b = health_checked("b", &b_ok).await;
         // b comes back only after 1000 passed checks in a row: not within the test.
         let config = |more: &str| {
             let yaml = simple_config_with(
@@ -1457,7 +1407,7 @@ each_proto!(
         .await;
         assert_eq!(stat_of(healthy.clone()).await, Some(1.0));
         let mut c = client(proto, web).await;
-        let seen = spread(&mut c, 6).await;
+        let seen = spread(&mut c, "/work", 6).await;
         assert_eq!(seen.get("a"), Some(&6), "{seen:?}");
     }
 );

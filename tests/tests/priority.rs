@@ -5,7 +5,6 @@
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,18 +15,6 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn stat(name: &str) -> String {
     format!("legate_cluster_{name}{{cluster=\"backend\"}}")
-}
-
-async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for _ in 0..n {
-        let r = c.get("/").send().await;
-        assert_eq!(r.status, 200);
-        *seen
-            .entry(r.header("x-upstream").unwrap().to_string())
-            .or_insert(0) += 1;
-    }
-    seen
 }
 
 /// A config routing everything to `backend`, whose `endpoints` are (address,
@@ -62,32 +49,13 @@ routes:
     )
 }
 
-/// An upstream whose `/healthz` answers 200 while `ok`, 503 after.
-async fn checked(name: &str, ok: &Arc<AtomicBool>) -> UpstreamHandle {
-    let ok = ok.clone();
-    upstream()
-        .name(name)
-        .route("/healthz", move |_req| {
-            let ok = ok.load(Ordering::SeqCst);
-            async move {
-                let mut r = Response::new(Full::new(Bytes::from_static(b"hc\n")));
-                if !ok {
-                    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                }
-                r
-            }
-        })
-        .start()
-        .await
-}
-
 each_proto!(
     async fn the_backup_level_serves_while_the_primaries_fail(proto) {
         let primaries_ok = Arc::new(AtomicBool::new(true));
         let always = Arc::new(AtomicBool::new(true));
-        let a = checked("a", &primaries_ok).await;
-        let b = checked("b", &primaries_ok).await;
-        let backup = checked("backup", &always).await;
+        let a = health_checked("a", &primaries_ok).await;
+        let b = health_checked("b", &primaries_ok).await;
+        let backup = health_checked("backup", &always).await;
         let cfg = config(
             &[(a.addr, 0), (b.addr, 0), (backup.addr, 1)],
             "    health_check: { http: { path: /healthz }, interval: 30ms }\n",
@@ -95,7 +63,7 @@ each_proto!(
         );
         let lg = legate().config(&cfg).start();
         let mut cl = client(proto, lg.addr("web")).await;
-        let seen = spread(&mut cl, 20).await;
+        let seen = spread(&mut cl, "/", 20).await;
         assert_eq!(
             (seen.get("a"), seen.get("b"), seen.get("backup")),
             (Some(&10), Some(&10), None),
@@ -108,7 +76,7 @@ each_proto!(
             (lg.stat(&stat("membership_healthy")).await == Some(1.0)).then_some(())
         })
         .await;
-        let seen = spread(&mut cl, 20).await;
+        let seen = spread(&mut cl, "/", 20).await;
         assert_eq!(seen.get("backup"), Some(&20), "{seen:?}");
 
         // They recover: the backup is left alone again.
@@ -117,7 +85,7 @@ each_proto!(
             (lg.stat(&stat("membership_healthy")).await == Some(3.0)).then_some(())
         })
         .await;
-        let seen = spread(&mut cl, 20).await;
+        let seen = spread(&mut cl, "/", 20).await;
         assert_eq!(seen.get("backup"), None, "{seen:?}");
         // The level was never in panic: the backup could take the whole load.
         assert_eq!(lg.stat(&stat("lb_healthy_panic")).await, Some(0.0));
@@ -140,9 +108,9 @@ each_proto!(
     async fn a_partly_failed_primary_level_spills_its_lost_share(proto) {
         let b_ok = Arc::new(AtomicBool::new(true));
         let always = Arc::new(AtomicBool::new(true));
-        let a = checked("a", &always).await;
-        let b = checked("b", &b_ok).await;
-        let backup = checked("backup", &always).await;
+        let a = health_checked("a", &always).await;
+        let b = health_checked("b", &b_ok).await;
+        let backup = health_checked("backup", &always).await;
         let cfg = config(
             &[(a.addr, 0), (b.addr, 0), (backup.addr, 1)],
             "    health_check: { http: { path: /healthz }, interval: 30ms }\n",
@@ -155,7 +123,7 @@ each_proto!(
         })
         .await;
         let mut cl = client(proto, lg.addr("web")).await;
-        let seen = spread(&mut cl, 400).await;
+        let seen = spread(&mut cl, "/", 400).await;
         assert_eq!(seen.get("b"), None, "{seen:?}");
         let to_backup = seen.get("backup").copied().unwrap_or(0);
         // 30% of 400 is 120; the bounds are over 5 standard deviations wide.

@@ -4,7 +4,6 @@
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,18 +14,6 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn stat(name: &str) -> String {
     format!("legate_cluster_{name}{{cluster=\"backend\"}}")
-}
-
-async fn spread(c: &mut Client, n: usize) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for _ in 0..n {
-        let r = c.get("/").send().await;
-        assert_eq!(r.status, 200);
-        *seen
-            .entry(r.header("x-upstream").unwrap().to_string())
-            .or_insert(0) += 1;
-    }
-    seen
 }
 
 /// A config in zone `z1` routing everything to `backend`: zone-aware with
@@ -62,36 +49,17 @@ clusters:
     )
 }
 
-/// An upstream whose `/healthz` answers 200 while `ok`, 503 after.
-async fn checked(name: &str, ok: &Arc<AtomicBool>) -> UpstreamHandle {
-    let ok = ok.clone();
-    upstream()
-        .name(name)
-        .route("/healthz", move |_req| {
-            let ok = ok.load(Ordering::SeqCst);
-            async move {
-                let mut r = Response::new(Full::new(Bytes::from_static(b"hc\n")));
-                if !ok {
-                    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                }
-                r
-            }
-        })
-        .start()
-        .await
-}
-
 each_proto!(
     async fn local_zone_first_then_spill(proto) {
         let b_ok = Arc::new(AtomicBool::new(true));
         let always = Arc::new(AtomicBool::new(true));
-        let a = checked("a", &always).await;
-        let b = checked("b", &b_ok).await;
-        let c = checked("c", &always).await;
+        let a = health_checked("a", &always).await;
+        let b = health_checked("b", &b_ok).await;
+        let c = health_checked("c", &always).await;
         let cfg = zoned_config(3, &[(a.addr, "z1"), (b.addr, "z1"), (c.addr, "z2")]);
         let lg = legate().config(&cfg).start();
         let mut cl = client(proto, lg.addr("web")).await;
-        let local = spread(&mut cl, 20).await;
+        let local = spread(&mut cl, "/", 20).await;
         assert_eq!((local.get("a"), local.get("b"), local.get("c")), (Some(&10), Some(&10), None), "{local:?}");
         lg.assert_stat_with(&stat("lb_zone_routing_all_directly"), |v| v >= 20.0, ">= 20")
             .await;
@@ -102,7 +70,7 @@ each_proto!(
             (lg.stat(&stat("membership_healthy")).await == Some(2.0)).then_some(())
         })
         .await;
-        let spilled = spread(&mut cl, 60).await;
+        let spilled = spread(&mut cl, "/", 60).await;
         assert_eq!(spilled.get("b"), None, "{spilled:?}");
         assert!(spilled.contains_key("a") && spilled.contains_key("c"), "{spilled:?}");
         lg.assert_stat_with(&stat("lb_zone_routing_sampled"), |v| v >= 1.0, ">= 1").await;
@@ -119,10 +87,10 @@ each_proto!(
     async fn spilled_traffic_is_shared_evenly_by_the_other_zone(proto) {
         let a_ok = Arc::new(AtomicBool::new(true));
         let always = Arc::new(AtomicBool::new(true));
-        let a = checked("a", &a_ok).await;
-        let b = checked("b", &always).await;
-        let c = checked("c", &always).await;
-        let d = checked("d", &always).await;
+        let a = health_checked("a", &a_ok).await;
+        let b = health_checked("b", &always).await;
+        let c = health_checked("c", &always).await;
+        let d = health_checked("d", &always).await;
         let cfg = zoned_config(
             1,
             &[(a.addr, "z1"), (b.addr, "z1"), (c.addr, "z2"), (d.addr, "z2")],
@@ -134,7 +102,7 @@ each_proto!(
         })
         .await;
         let mut cl = client(proto, lg.addr("web")).await;
-        let seen = spread(&mut cl, 400).await;
+        let seen = spread(&mut cl, "/", 400).await;
         assert_eq!(seen.get("a"), None, "{seen:?}");
         let (to_c, to_d) = (seen.get("c").copied(), seen.get("d").copied());
         let (to_c, to_d) = (to_c.unwrap_or(0), to_d.unwrap_or(0));
