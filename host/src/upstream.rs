@@ -930,9 +930,12 @@ impl Pool {
             }
             Sender::H1(mut sr) => {
                 to_h1_form(&mut req);
-                let conns = self.connections(key);
-                conns.busy.fetch_add(1, Ordering::Relaxed);
-                let busy = Busy(conns);
+                // Its connection is counted there (`Live`): looked up, no
+                // key cloned.
+                let busy = self.inner.live.borrow().get(key).map(|conns| {
+                    conns.busy.fetch_add(1, Ordering::Relaxed);
+                    Busy(conns.clone())
+                });
                 let upload = Rc::new(Upload::default());
                 if http_body::Body::is_end_stream(req.body()) {
                     upload.sent.set(true);
@@ -1307,7 +1310,7 @@ struct Return {
     max_idle: usize,
     idle_timeout: Duration,
     /// The request counted busy on the key's connections until its response ends.
-    _busy: Busy,
+    _busy: Option<Busy>,
 }
 
 impl body::Watch for Return {
