@@ -62,16 +62,15 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
     star
 }
 
-/// Whether a response to `method` with this head may be compressed at all
-/// (whatever the client accepts).
-fn compressible(cfg: &Compression, method: &Method, resp: &Response<Body>) -> bool {
+/// Whether a response with this head may be compressed at all (whatever the
+/// client accepts); for a `head` request, whether the `GET` one would be.
+fn compressible(cfg: &Compression, head: bool, resp: &Response<Body>) -> bool {
     let status = resp.status();
-    if method == Method::HEAD
-        || status.is_informational()
+    if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::PARTIAL_CONTENT
         || status == StatusCode::NOT_MODIFIED
-        || resp.body().is_end_stream()
+        || (!head && resp.body().is_end_stream())
     {
         return false;
     }
@@ -116,7 +115,8 @@ pub fn apply(
     accepts: bool,
     resp: &mut Response<Body>,
 ) {
-    if !compressible(cfg, method, resp) {
+    let head = method == Method::HEAD;
+    if !compressible(cfg, head, resp) {
         return;
     }
     let h = resp.headers_mut();
@@ -130,10 +130,14 @@ pub fn apply(
         h.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
     if !accepts {
-        stats.not_accepted.inc();
+        if !head {
+            stats.not_accepted.inc();
+        }
         return;
     }
-    stats.compressed.inc();
+    if !head {
+        stats.compressed.inc();
+    }
     h.remove(header::CONTENT_LENGTH);
     h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     // Another representation: a strong validator no longer holds (RFC 9110
@@ -146,6 +150,10 @@ pub fn apply(
                 h.insert(header::ETAG, weak);
             }
         }
+    }
+    if head {
+        // The head a `GET` would get; there is no body to compress.
+        return;
     }
     let inner = std::mem::replace(resp.body_mut(), body::empty());
     *resp.body_mut() = body::boxed(Gzip {
@@ -358,11 +366,6 @@ mod tests {
                 StatusCode::OK,
             ),
             (
-                &[("content-type", "text/html")],
-                Method::HEAD,
-                StatusCode::OK,
-            ),
-            (
                 &[
                     ("content-type", "text/html"),
                     ("content-range", "bytes 0-1/59"),
@@ -393,6 +396,23 @@ mod tests {
         let vary: Vec<_> = r.headers().get_all("vary").iter().collect();
         assert_eq!(vary, ["origin", "accept-encoding"]);
         assert_eq!(s.not_accepted.get(), 1);
+        // HEAD: the head a GET gets, and no body to compress.
+        let mut r = response(
+            &[
+                ("content-type", "text/html"),
+                ("content-length", "59"),
+                ("etag", "\"v1\""),
+            ],
+            "",
+        );
+        *r.body_mut() = body::empty();
+        apply(&cfg(), &s, &Method::HEAD, true, &mut r);
+        assert_eq!(r.headers()["content-encoding"], "gzip");
+        assert_eq!(r.headers()["vary"], "accept-encoding");
+        assert_eq!(r.headers()["etag"], "W/\"v1\"");
+        assert!(!r.headers().contains_key("content-length"));
+        assert!(r.body().is_end_stream());
+        assert_eq!(s.compressed.get(), 0);
     }
 
     #[tokio::test]

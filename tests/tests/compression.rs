@@ -70,6 +70,17 @@ each_proto!(
         lg.assert_stat(&stat("compression_bytes_in_total"), page().len() as f64).await;
         lg.assert_stat(&stat("compression_bytes_out_total"), r.body.len() as f64).await;
 
+        // HEAD: the head the GET got, no body.
+        let r = c
+            .request(Method::HEAD, "/page")
+            .header("accept-encoding", "gzip")
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-encoding"), Some("gzip"));
+        assert_eq!(r.header("etag"), Some("W/\"v7\""));
+        assert_eq!(r.header("content-length"), None);
+        assert!(r.body.is_empty());
         // Not accepted: as it was, but with `vary`.
         let r = c.get("/page").send().await;
         assert_eq!(r.header("content-encoding"), None);
