@@ -214,6 +214,8 @@ impl Key {
 
 struct Idle {
     sender: http1::SendRequest<Body>,
+    /// Its key's connections (carried, not looked up per request).
+    conns: Arc<KeyConnections>,
     since: Instant,
     /// Its cluster's idle timeout (of the settings it was opened with).
     idle_timeout: Duration,
@@ -456,7 +458,7 @@ pub struct Pool {
 
 /// One established connection, ready for a request.
 enum Sender {
-    H1(http1::SendRequest<Body>),
+    H1(http1::SendRequest<Body>, Arc<KeyConnections>),
     H2(http2::SendRequest<Body>, Rc<H2Usage>),
 }
 
@@ -625,8 +627,8 @@ impl Pool {
                 }
             }
             if permit.is_none() && idle_ok && s.protocol != UpstreamProtocol::H2 {
-                if let Some(sender) = self.checkout_h1(s, key).await {
-                    return Ok((Sender::H1(sender), ConnectionUse::Reused));
+                if let Some((sender, conns)) = self.checkout_h1(s, key).await {
+                    return Ok((Sender::H1(sender, conns), ConnectionUse::Reused));
                 }
                 // Checking them out may have awaited: look at the map again.
                 idle_ok = false;
@@ -737,7 +739,7 @@ impl Pool {
         &self,
         s: &UpstreamSettings,
         key: &Key,
-    ) -> Option<http1::SendRequest<Body>> {
+    ) -> Option<(http1::SendRequest<Body>, Arc<KeyConnections>)> {
         loop {
             let candidate = {
                 let mut idle = self.inner.idle.borrow_mut();
@@ -755,7 +757,7 @@ impl Pool {
             // Returned connections are between messages; ready() only waits for the
             // connection task to notice, and fails if the upstream has closed it.
             if sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, candidate.conns));
             }
         }
     }
@@ -775,7 +777,7 @@ impl Pool {
         if let Some(o) = opener {
             o.finish(match &result {
                 Ok(Sender::H2(sr, usage)) => Opened::H2(sr.clone(), usage.clone()),
-                Ok(Sender::H1(_)) => Opened::Http1,
+                Ok(Sender::H1(..)) => Opened::Http1,
                 Err(e) => Opened::Failed(e.kind, e.detail.clone()),
             });
         }
@@ -873,6 +875,7 @@ impl Pool {
             // The counter guard goes with the socket: dropped with the
             // connection task, or, after a 101, with the upgraded stream when
             // the tunnel ends (hyper hands the socket over and ends the task).
+            let conns = live.0.clone();
             let io = TokioIo::new(Counted {
                 io,
                 _counted: guard,
@@ -888,7 +891,7 @@ impl Pool {
                     tracing::debug!("upstream h1 connection ended: {e}");
                 }
             });
-            Ok(Sender::H1(sender))
+            Ok(Sender::H1(sender, conns))
         }
     }
 
@@ -928,14 +931,10 @@ impl Pool {
                     },
                 }
             }
-            Sender::H1(mut sr) => {
+            Sender::H1(mut sr, conns) => {
                 to_h1_form(&mut req);
-                // Its connection is counted there (`Live`): looked up, no
-                // key cloned.
-                let busy = self.inner.live.borrow().get(key).map(|conns| {
-                    conns.busy.fetch_add(1, Ordering::Relaxed);
-                    Busy(conns.clone())
-                });
+                conns.busy.fetch_add(1, Ordering::Relaxed);
+                let busy = Busy(conns);
                 let upload = Rc::new(Upload::default());
                 if http_body::Body::is_end_stream(req.body()) {
                     upload.sent.set(true);
@@ -957,7 +956,7 @@ impl Pool {
                             sender: sr,
                             max_idle: s.max_idle,
                             idle_timeout: s.idle_timeout,
-                            _busy: busy,
+                            busy,
                         };
                         Ok(resp.map(|b| body::boxed(body::Watched::new(b, ret))))
                     }
@@ -1309,8 +1308,9 @@ struct Return {
     sender: http1::SendRequest<Body>,
     max_idle: usize,
     idle_timeout: Duration,
-    /// The request counted busy on the key's connections until its response ends.
-    _busy: Option<Busy>,
+    /// The request counted busy on the key's connections until its response
+    /// ends (and the key's connections, to pool it with).
+    busy: Busy,
 }
 
 impl body::Watch for Return {
@@ -1330,19 +1330,18 @@ impl body::Watch for Return {
             return;
         };
         let mut idle = pool.idle.borrow_mut();
-        let list = idle.entry(self.key.clone()).or_default();
+        let list = idle.entry(self.key).or_default();
         if list.len() < self.max_idle {
             list.push(Idle {
                 sender: self.sender,
+                conns: self.busy.0.clone(),
                 since: Instant::now(),
                 idle_timeout: self.idle_timeout,
             });
             drop(idle);
             // An attempt waiting over `max_connections` takes it. (One not
             // pooled closes, and its `Live` tells them.)
-            if let Some(n) = pool.live.borrow().get(&self.key) {
-                n.freed.notify_one();
-            }
+            self.busy.0.freed.notify_one();
         }
     }
 }
