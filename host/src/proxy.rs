@@ -170,8 +170,8 @@ pub async fn handle(
         .worker
         .shared
         .access_log
-        .is_some()
-        .then(|| Box::new(Logged::of(&req)));
+        .as_ref()
+        .map(|log| Box::new(Logged::of(&req, log.wants())));
     // The request body's bytes: the access log's `bytes_received`, and the
     // filters' request size without a `content-length` (proxy-wasm's
     // `request.size`). A request without a body has none to count.
@@ -354,6 +354,9 @@ pub async fn handle(
     // (`Done::cut_short`): the framing the head promises.
     let framing = Framing::of(&in_flight.method, &resp);
     let mut done = in_flight.done(resp.status()).map(|d| d.framed(framing));
+    if let Some(d) = &mut done {
+        d.log_response_fields(resp.headers());
+    }
     if let Some(end) = done.as_mut().and_then(|d| d.out.tunnel.take()) {
         // An upgraded exchange ends with its tunnel, as Envoy's stream (and
         // nginx's line, written at the close): its line, latency and bytes
@@ -3302,10 +3305,15 @@ struct Logged {
     x_forwarded_for: Option<String>,
     /// When the request head arrived (the line's `start_time`).
     started: SystemTime,
+    /// The request fields a configured format reads, as the client sent them
+    /// (access_log/format.rs), and the response's and its trailers' as sent.
+    request: Box<[Option<String>]>,
+    response: Box<[Option<String>]>,
+    trailers: Box<[Option<String>]>,
 }
 
 impl Logged {
-    fn of(req: &Request<Incoming>) -> Logged {
+    fn of(req: &Request<Incoming>, wants: &access_log::format::Wants) -> Logged {
         let text = |v: &HeaderValue| access_log::header_text(v.as_bytes());
         Logged {
             authority: req
@@ -3327,6 +3335,13 @@ impl Logged {
                 })
             },
             started: SystemTime::now(),
+            request: if wants.request.is_empty() {
+                Box::default()
+            } else {
+                access_log::format::capture(&wants.request, req.headers())
+            },
+            response: Box::default(),
+            trailers: Box::default(),
         }
     }
 }
@@ -3616,8 +3631,36 @@ impl Drop for Done {
                 requested_server_name: sni_of(&self.conn),
                 downstream_peer_subject: peer_subject_of(&self.conn),
                 upstream_transport_failure_reason: o.transport_failure.as_deref(),
+                facts: access_log::Facts {
+                    start: Some(l.started),
+                    local: Some(self.conn.original_dst.unwrap_or(self.conn.local)),
+                    scheme: Some(scheme_of(&self.conn)),
+                    request: &l.request,
+                    response: &l.response,
+                    trailers: &l.trailers,
+                },
             });
         }
+    }
+}
+
+impl Done {
+    /// Keeps the response fields a configured access-log format reads.
+    fn log_response_fields(&mut self, headers: &http::HeaderMap) {
+        if let (Some(log), Some(l)) = (&self.conn.worker.shared.access_log, &mut self.logged) {
+            if !log.wants().response.is_empty() {
+                l.response = access_log::format::capture(&log.wants().response, headers);
+            }
+        }
+    }
+}
+
+/// `%REQ(:SCHEME)%`: the scheme the client spoke to the listener.
+fn scheme_of(conn: &ConnCtx) -> &'static str {
+    if conn.tls.is_some() {
+        "https"
+    } else {
+        "http"
     }
 }
 
@@ -3695,6 +3738,12 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         requested_server_name: sni_of(conn),
         downstream_peer_subject: peer_subject_of(conn),
         upstream_transport_failure_reason: None,
+        facts: access_log::Facts {
+            start: now.checked_sub(elapsed),
+            local: Some(conn.original_dst.unwrap_or(conn.local)),
+            scheme: Some(scheme_of(conn)),
+            ..access_log::Facts::default()
+        },
     });
 }
 
@@ -3744,6 +3793,11 @@ impl Watch for Done {
             crate::proxy_headers::strip_hop_by_hop(t);
             // The last frame: hyper may drop the body without polling its end.
             self.ended = true;
+            if let (Some(log), Some(l)) = (&self.conn.worker.shared.access_log, &mut self.logged) {
+                if !log.wants().trailers.is_empty() {
+                    l.trailers = access_log::format::capture(&log.wants().trailers, t);
+                }
+            }
         }
         Ok(())
     }

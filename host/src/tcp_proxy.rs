@@ -71,6 +71,8 @@ struct Session<'a> {
     ctx: &'a ListenerCtx,
     cluster: &'a str,
     peer: SocketAddr,
+    /// The address the client connected to (`%DOWNSTREAM_LOCAL_ADDRESS%`).
+    local: SocketAddr,
     start: SystemTime,
     started: Instant,
     /// The downstream TLS session, kept for the line only with an access log
@@ -121,6 +123,11 @@ impl Session<'_> {
             requested_server_name: self.tls.as_ref().and_then(|t| t.sni.as_deref()),
             downstream_peer_subject: self.tls.as_ref().and_then(TlsInfo::peer_subject),
             upstream_transport_failure_reason: self.transport_failure.as_deref(),
+            facts: access_log::Facts {
+                start: Some(self.start),
+                local: Some(self.local),
+                ..access_log::Facts::default()
+            },
         });
     }
 
@@ -268,6 +275,7 @@ pub async fn serve(
         ctx: &ctx,
         cluster: tcp.cluster.value.as_str(),
         peer,
+        local,
         start: SystemTime::now(),
         started: Instant::now(),
         tls: None,

@@ -202,15 +202,22 @@ impl Drop for Watchdog {
 /// A last line without its newline (a write in progress) is left out; any other
 /// line that is not JSON fails the test.
 pub fn access_log_lines(path: &std::path::Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
-    whole
-        .lines()
+    access_log_text(path)
+        .iter()
         .map(|l| {
             serde_json::from_str(l)
                 .unwrap_or_else(|e| panic!("access-log line is not JSON ({e}): {l:?}"))
         })
         .collect()
+}
+
+/// The whole lines of the access log at `path` as text (an `access_log.format`
+/// log; none if it does not exist yet). A last line without its newline is
+/// left out.
+pub fn access_log_text(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole.lines().map(str::to_string).collect()
 }
 
 /// Polls the access log at `path` until `done` accepts its lines, and returns them.

@@ -946,3 +946,169 @@ each_proto!(
             .await;
     }
 );
+
+/// `access_log` with `path` and `extra` keys (indented by 2) instead of the
+/// bare one `simple_config` leaves out.
+fn with_log(cfg: &str, log: &Path, extra: &str) -> String {
+    cfg.replace(
+        "version: 1\n",
+        &format!(
+            "version: 1\naccess_log:\n  path: {}\n{extra}",
+            log.display()
+        ),
+    )
+}
+
+/// The whole text lines of a `format` log once there are `n` of them.
+async fn text_lines(log: &Path, n: usize) -> Vec<String> {
+    eventually(Duration::from_secs(10), "the access-log lines", || async {
+        let lines = access_log_text(log);
+        (lines.len() >= n).then_some(lines)
+    })
+    .await
+}
+
+each_proto!(
+    /// `access_log.format`: Envoy's command operators in a text line, `-` for
+    /// what a request does not have. `%REQ(X-REQUEST-ID)%` is the id the
+    /// request went upstream with (the client is not trusted: its own was
+    /// replaced), `%RESP(...)%` a header of the response as sent, cut to 3
+    /// characters here.
+    async fn a_text_format_writes_envoys_operators(proto) {
+        let up = upstream().response_header("x-up", "abcdef").start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let cfg = with_log(
+            &web_config(
+                "          - match: { prefix: /ok }\n            cluster: backend\n",
+                &format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr),
+            ),
+            &log,
+            // As Envoy's formats, it ends with a line break (YAML's `\n`):
+            // the line gets no second one.
+            "  format: \"%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% \
+             %RESPONSE_FLAGS% \\\"%REQ(USER-AGENT)%\\\" %REQ(X-REQUEST-ID)% %RESP(X-UP):3% \
+             %UPSTREAM_CLUSTER% %ROUTE_NAME% %RESPONSE_CODE_DETAILS% %BYTES_SENT%\\n\"\n",
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let ok = c
+            .get("/ok?x=1")
+            .header("user-agent", "ua/1")
+            .header("x-request-id", "from-the-client")
+            .send()
+            .await;
+        assert_eq!(ok.status, 200);
+        let id = ok.echo().header("x-request-id").unwrap().to_string();
+        assert_ne!(id, "from-the-client");
+        let missing = c.get("/missing").send().await;
+        assert_eq!(missing.status, 404);
+        let lines = text_lines(&log, 2).await;
+        let v = match proto {
+            Proto::H1 => "HTTP/1.1",
+            Proto::H2 => "HTTP/2",
+        };
+        assert_eq!(
+            lines[0],
+            format!(
+                "GET /ok?x=1 {v} 200 - \"ua/1\" {id} abc backend all/0 via_upstream {}",
+                ok.body.len()
+            )
+        );
+        let prefix = format!("GET /missing {v} 404 NR \"-\" ");
+        let suffix = format!(" - - - no_route {}", missing.body.len());
+        assert!(
+            lines[1].starts_with(&prefix) && lines[1].ends_with(&suffix),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 1.0)
+            .await;
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="4xx"}"#, 1.0)
+            .await;
+    }
+);
+
+each_proto!(
+    /// `access_log.json_format`: keys in the order configured, a lone
+    /// operator keeps its type (numbers, `null`), nested objects and literals;
+    /// `%GRPC_STATUS%` reads a real gRPC server's status from its trailers,
+    /// or from the head of a trailers-only answer (which has no trailers).
+    async fn a_json_format_has_typed_values_and_grpc_statuses(proto) {
+        use legate_tests::grpc::{grpc_upstream, pb, HyperConn};
+        let grpc = grpc_upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let cfg = with_log(
+            &web_config(
+                "          - match: { prefix: / }\n            cluster: backend\n",
+                &format!(
+                    "  - name: backend\n    protocol: h2\n    endpoints:\n      - address: {}\n",
+                    grpc.addr
+                ),
+            ),
+            &log,
+            "  json_format:
+    status: \"%RESPONSE_CODE%\"
+    grpc: \"%GRPC_STATUS%\"
+    grpc_number: \"%GRPC_STATUS(NUMBER)%\"
+    trailer: \"%TRAILER(GRPC-STATUS)%\"
+    content_type: \"%RESP(CONTENT-TYPE)%\"
+    upstream:
+      cluster: \"%UPSTREAM_CLUSTER%\"
+      attempts: \"%UPSTREAM_REQUEST_ATTEMPT_COUNT%\"
+    path: \"%REQ(:PATH)%\"
+    schema: 1
+",
+        );
+        let lg = legate().config(&cfg).start();
+        let addr = lg.addr("web");
+        let origin: http::Uri = format!("http://{addr}").parse().unwrap();
+        let mut c =
+            pb::echo_client::EchoClient::with_origin(HyperConn::connect(proto, addr).await, origin);
+        let mut stream = c
+            .count(pb::CountRequest {
+                from: 1,
+                count: 1,
+                fail_code: 5,
+                fail_message: "gone".into(),
+                delay_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stream.message().await.unwrap().map(|m| m.n), Some(1));
+        let err = stream.message().await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        let err = c
+            .fail(pb::FailRequest {
+                code: 7,
+                message: "no".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let lines = access_log_until(&log, "both calls", |l| l.len() >= 2).await;
+        assert_eq!(
+            lines[0],
+            serde_json::json!({
+                "status": 200, "grpc": "NotFound", "grpc_number": 5, "trailer": "5",
+                "content_type": "application/grpc",
+                "upstream": { "cluster": "backend", "attempts": 1 },
+                "path": "/legate.test.v1.Echo/Count", "schema": 1,
+            })
+        );
+        assert_eq!(lines[1]["grpc"], "PermissionDenied", "{}", lines[1]);
+        assert_eq!(lines[1]["grpc_number"], 7, "{}", lines[1]);
+        assert_eq!(lines[1]["trailer"], serde_json::Value::Null, "{}", lines[1]);
+        // The keys come out in the order written, not sorted.
+        let text = access_log_text(&log);
+        assert!(
+            text[0].starts_with(r#"{"status":200,"grpc":"NotFound","grpc_number":5,"#),
+            "{}",
+            text[0]
+        );
+        assert_eq!(grpc.calls.get(), 2);
+    }
+);

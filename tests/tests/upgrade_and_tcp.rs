@@ -1151,6 +1151,45 @@ async fn a_tcp_session_is_logged_when_it_ends() {
     assert_eq!(v["upstream_transport_failure_reason"], Value::Null, "{v}");
 }
 
+/// A TCP session in an `access_log.format` line: the operators HTTP has and
+/// a session does not (`%PROTOCOL%`, request headers) are `-`; the local
+/// address is the listener's, the session's status and cause as the JSON
+/// line's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_session_in_a_text_format() {
+    let echo = tcp_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = logged_tcp_config(echo.addr, "1h", &log).replacen(
+        "flush_interval: 10ms }",
+        "flush_interval: 10ms, format: '%PROTOCOL% %REQ(:METHOD)% %RESPONSE_CODE% \
+         %RESPONSE_CODE_DETAILS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% \
+         %UPSTREAM_HOST% %BYTES_RECEIVED% %BYTES_SENT% %LISTENER_NAME%' }",
+        1,
+    );
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    let client = c.stream.local_addr().unwrap();
+    c.write(b"ping").await;
+    assert_eq!(c.read_exact(4, HANG_GUARD).await.unwrap(), b"ping");
+    c.stream.shutdown().await.ok();
+    let (_, closed) = c.read_until_close(HANG_GUARD).await;
+    assert!(closed);
+    let lines = eventually(HANG_GUARD, "the session's line", || async {
+        let l = access_log_text(&log);
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        lines,
+        [format!(
+            "- - 200 downstream_close {} {client} {} 4 4 tcp",
+            lg.addr("tcp"),
+            echo.addr
+        )]
+    );
+}
+
 /// An upstream that ends the session first is named as its end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_session_the_upstream_ends_is_logged_so() {

@@ -193,6 +193,33 @@ impl Config {
                 .key("access_log")
                 .key("buffer_limit");
             }
+            if log.format.is_some() && log.json_format.is_some() {
+                e.top(
+                    "`access_log` has both `format` and `json_format`",
+                    "a line is either text (`format`) or a JSON object (`json_format`): keep one",
+                )
+                .key("access_log")
+                .key("json_format");
+            } else if log.json_format.as_ref().is_some_and(|j| j.0.is_empty()) {
+                e.top(
+                    "`access_log.json_format` has no keys",
+                    "name the fields each line has, e.g. `status: \"%RESPONSE_CODE%\"`; remove \
+                     `json_format` for the default JSON line",
+                )
+                .key("access_log")
+                .key("json_format");
+            } else if let Err(err) = crate::access_log::format::parse(log) {
+                let issue = e.top(err.message, err.help);
+                issue.key("access_log");
+                if err.path.is_empty() {
+                    issue.key("format");
+                } else {
+                    issue.key("json_format");
+                    for k in &err.path {
+                        issue.key(k);
+                    }
+                }
+            }
         }
 
         let clusters = Defined {

@@ -1,4 +1,5 @@
-//! The access log: one JSON object per line per request, to stdout, stderr or a file.
+//! The access log: one line per request (a JSON object, or a line in a format of
+//! the config's: [`format`]), to stdout, stderr or a file.
 //!
 //! Workers never write it. [`AccessLog::write`] formats the line and appends it to
 //! a shared buffer under a short lock; one writer thread (`legate-access-log`, a
@@ -30,6 +31,8 @@ use anyhow::Context as _;
 
 use crate::config;
 use crate::stats::{Counter, Stats};
+
+pub mod format;
 
 /// Waiting lines past this size wake the writer before its interval ends (Envoy's
 /// `min_flush_size`).
@@ -81,11 +84,63 @@ pub struct Line<'a> {
     pub user_agent: Option<&'a str>,
     pub virtual_host: Option<&'a str>,
     pub x_forwarded_for: Option<&'a str>,
+    /// What only a configured format reads ([`format`]).
+    #[serde(skip)]
+    pub facts: Facts<'a>,
+}
+
+/// The facts of a [`Line`] that only `format` and `json_format` operators
+/// read (not in the default JSON line).
+#[derive(Default)]
+pub struct Facts<'a> {
+    /// When the request head arrived (the connection, for TCP): `%START_TIME(...)%`.
+    pub start: Option<SystemTime>,
+    /// The address the client connected to: `%DOWNSTREAM_LOCAL_ADDRESS%`.
+    pub local: Option<std::net::SocketAddr>,
+    /// `http` or `https`: `%REQ(:SCHEME)%`.
+    pub scheme: Option<&'static str>,
+    /// The request, response and trailer fields the format asked for
+    /// ([`format::Wants`]), in its order; empty when not captured.
+    pub request: &'a [Option<String>],
+    pub response: &'a [Option<String>],
+    pub trailers: &'a [Option<String>],
 }
 
 /// The access log's `time` and `start_time`: RFC 3339, UTC, milliseconds
 /// (the format of `proxy.rs`'s lines), without a date crate.
 pub fn timestamp(t: SystemTime) -> String {
+    let c = civil(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        c.year,
+        c.month,
+        c.day,
+        c.hour,
+        c.minute,
+        c.second,
+        c.nanos / 1_000_000
+    )
+}
+
+/// A time's calendar fields, UTC.
+struct Civil {
+    year: i64,
+    month: u32,
+    day: u32,
+    /// Day of the year, 1..=366.
+    yday: u32,
+    /// 0 = Sunday.
+    weekday: u32,
+    hour: u32,
+    minute: u32,
+    second: u32,
+    nanos: u32,
+    /// Seconds since the Unix epoch.
+    epoch: u64,
+}
+
+/// `t`'s calendar fields, without a date crate.
+fn civil(t: SystemTime) -> Civil {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -99,13 +154,28 @@ pub fn timestamp(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    // `doy` counts from March 1st: January and February are days 306.. of
+    // the year before.
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let yday = if doy >= 306 {
+        doy - 306 + 1
+    } else {
+        doy + 59 + i64::from(leap) + 1
+    };
+    let small = |v: i64| u32::try_from(v).unwrap_or(0);
+    Civil {
+        year,
+        month: small(month),
+        day: small(day),
+        yday: small(yday),
+        // 1970-01-01 was a Thursday.
+        weekday: small(((days + 4) % 7) as i64),
+        hour: (rem / 3600) as u32,
+        minute: ((rem % 3600) / 60) as u32,
+        second: (rem % 60) as u32,
+        nanos: d.subsec_nanos(),
+        epoch: secs,
+    }
 }
 
 /// A request header's value as the access log writes it (`user_agent`, and
@@ -139,6 +209,10 @@ pub fn millis(d: Duration) -> f64 {
 /// Where access-log lines go.
 pub struct AccessLog {
     shared: Arc<Buffered>,
+    /// How lines are written (`format`, `json_format`, or the default JSON).
+    format: format::Format,
+    /// The header fields the format reads.
+    wants: format::Wants,
     /// The writer thread and the channel it closes when it ends; taken by `close`.
     writer: Mutex<Option<(JoinHandle<()>, mpsc::Receiver<()>)>>,
 }
@@ -469,7 +543,10 @@ impl AccessLog {
              requests, or blocked).",
             &[],
         );
-        Self::start(
+        // (Checked by `validate` already.)
+        let (format, wants) = format::parse(cfg)
+            .map_err(|e| anyhow::anyhow!("access_log: {} ({})", e.message, e.help))?;
+        let mut log = Self::start(
             Sink {
                 target,
                 pipe,
@@ -479,7 +556,16 @@ impl AccessLog {
             limit,
             dropped,
         )
-        .context("starting the access-log writer thread")
+        .context("starting the access-log writer thread")?;
+        log.format = format;
+        log.wants = wants;
+        Ok(log)
+    }
+
+    /// The header fields the configured format reads: what a request
+    /// captures for its line ([`format::capture`]).
+    pub fn wants(&self) -> &format::Wants {
+        &self.wants
     }
 
     fn start(sink: Sink, interval: Duration, limit: usize, dropped: Counter) -> io::Result<Self> {
@@ -496,17 +582,22 @@ impl AccessLog {
         };
         Ok(AccessLog {
             shared,
+            format: format::Format::Default,
+            wants: format::Wants::default(),
             writer: Mutex::new(Some((writer, done_rx))),
         })
     }
 
     /// Hands one line to the writer. Never blocks on I/O and never fails a request:
     /// a line that does not fit in the buffer is dropped and counted.
-    pub fn write(&self, entry: &impl serde::Serialize) {
-        // Serializing plain fields cannot fail; a line that did is dropped.
-        let Ok(mut line) = serde_json::to_vec(entry) else {
-            return;
-        };
+    pub fn write(&self, line: &Line<'_>) {
+        let mut bytes = Vec::with_capacity(512);
+        self.format.render(line, &mut bytes);
+        self.hand_over(bytes);
+    }
+
+    /// Hands the bytes of one line (without its line break) to the writer.
+    fn hand_over(&self, mut line: Vec<u8>) {
         line.push(b'\n');
         if self.shared.push(&line) {
             self.shared.wake.notify_one();
@@ -740,11 +831,13 @@ mod tests {
             // Longer than the test: only `close` can have written the lines.
             flush_interval: config::Dur::secs(60),
             buffer_limit: config::ByteSize(16 << 20),
+            format: None,
+            json_format: None,
         };
         let stats = Stats::new();
         let log = AccessLog::open(&cfg, &stats).unwrap();
         for i in 0..10 {
-            log.write(&serde_json::json!({ "i": i }));
+            log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": i })).unwrap());
         }
         log.close();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -755,7 +848,7 @@ mod tests {
         let want: Vec<serde_json::Value> = (0..10).map(|i| serde_json::json!({ "i": i })).collect();
         assert_eq!(got, want);
         // After close a line is dropped and counted, not written.
-        log.write(&serde_json::json!({ "i": 10 }));
+        log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": 10 })).unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         assert_eq!(
             stats
@@ -778,9 +871,11 @@ mod tests {
             // Longer than the test: only `reopen` and `close` write.
             flush_interval: config::Dur::secs(60),
             buffer_limit: config::ByteSize(16 << 20),
+            format: None,
+            json_format: None,
         };
         let log = AccessLog::open(&cfg, &Stats::new()).unwrap();
-        log.write(&serde_json::json!({ "i": 0 }));
+        log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": 0 })).unwrap());
         // logrotate's `create`: the file is moved, then the signal comes.
         std::fs::rename(&path, &moved).unwrap();
         log.reopen();
@@ -789,7 +884,7 @@ mod tests {
             assert!(Instant::now() < deadline, "the path was not opened again");
             std::thread::sleep(Duration::from_millis(5));
         }
-        log.write(&serde_json::json!({ "i": 1 }));
+        log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": 1 })).unwrap());
         log.close();
         assert_eq!(std::fs::read_to_string(&moved).unwrap(), "{\"i\":0}\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"i\":1}\n");
@@ -813,6 +908,8 @@ mod tests {
             path: fifo.display().to_string(),
             flush_interval: config::Dur::secs(1),
             buffer_limit: config::ByteSize(16 << 20),
+            format: None,
+            json_format: None,
         };
         let (tx, rx) = mpsc::channel();
         // On a thread of its own: without a reader the old check never returned
@@ -830,6 +927,8 @@ mod tests {
             path: fifo.display().to_string(),
             flush_interval: config::Dur::secs(1),
             buffer_limit: config::ByteSize(16 << 20),
+            format: None,
+            json_format: None,
         };
         let reader = OpenOptions::new()
             .read(true)
