@@ -1112,3 +1112,33 @@ each_proto!(
         assert_eq!(grpc.calls.get(), 2);
     }
 );
+
+each_proto!(
+    /// `access_log.filter`: only the lines that pass are written (here the
+    /// 4xx and 5xx answers, as nginx's `if=` and Envoy's status-code filter):
+    /// the 200 before the 404 leaves no line.
+    async fn a_filter_writes_only_the_lines_that_pass(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let cfg = with_log(
+            &web_config(
+                "          - match: { prefix: /ok }\n            cluster: backend\n",
+                &format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr),
+            ),
+            &log,
+            "  format: '%RESPONSE_CODE% %REQ(:PATH)% %RESPONSE_FLAGS%'\n  \
+             filter: { statuses: [\"400-599\"] }\n",
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/ok").send().await.status, 200);
+        assert_eq!(c.get("/nowhere").send().await.status, 404);
+        // Lines are written in the order their requests ended: the 200's
+        // would be first.
+        let lines = text_lines(&log, 1).await;
+        assert_eq!(lines, ["404 /nowhere NR"]);
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 1.0)
+            .await;
+    }
+);

@@ -835,10 +835,14 @@ fn header<'a>(line: &'a Line<'a>, dir: Direction, f: Field) -> Option<Cow<'a, st
     }
 }
 
+/// The flags [`response_flag`] gives, for `access_log.filter.response_flags`.
+pub const RESPONSE_FLAGS: [&str; 9] = ["NR", "UH", "UF", "UO", "UT", "UR", "UPE", "SI", "DC"];
+
 /// Envoy's `%RESPONSE_FLAGS%` for a line's cause: the short names Envoy logs
 /// for the same outcome; `None` for a cause Envoy has no flag for (a filter's
 /// answer, a bad request, a direct response).
 pub fn response_flag(cause: &str, tcp: bool) -> Option<&'static str> {
+    // (Every flag returned here is in `RESPONSE_FLAGS`.)
     Some(match cause {
         "no_route" => "NR",
         "no_healthy_upstream" => "UH",
@@ -922,6 +926,7 @@ mod tests {
             buffer_limit: crate::config::ByteSize(1 << 20),
             format: format.map(str::to_string),
             json_format: json.map(|j| serde_saphyr::from_str(j).unwrap()),
+            filter: None,
         }
     }
 

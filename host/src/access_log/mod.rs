@@ -32,6 +32,7 @@ use anyhow::Context as _;
 use crate::config;
 use crate::stats::{Counter, Stats};
 
+mod filter;
 pub mod format;
 
 /// Waiting lines past this size wake the writer before its interval ends (Envoy's
@@ -213,6 +214,8 @@ pub struct AccessLog {
     format: format::Format,
     /// The header fields the format reads.
     wants: format::Wants,
+    /// Which lines are written (`filter`); `None` = every line.
+    filter: Option<config::AccessLogFilter>,
     /// The writer thread and the channel it closes when it ends; taken by `close`.
     writer: Mutex<Option<(JoinHandle<()>, mpsc::Receiver<()>)>>,
 }
@@ -559,6 +562,7 @@ impl AccessLog {
         .context("starting the access-log writer thread")?;
         log.format = format;
         log.wants = wants;
+        log.filter.clone_from(&cfg.filter);
         Ok(log)
     }
 
@@ -584,6 +588,7 @@ impl AccessLog {
             shared,
             format: format::Format::Default,
             wants: format::Wants::default(),
+            filter: None,
             writer: Mutex::new(Some((writer, done_rx))),
         })
     }
@@ -591,6 +596,11 @@ impl AccessLog {
     /// Hands one line to the writer. Never blocks on I/O and never fails a request:
     /// a line that does not fit in the buffer is dropped and counted.
     pub fn write(&self, line: &Line<'_>) {
+        if let Some(f) = &self.filter {
+            if !filter::admits(f, line) {
+                return;
+            }
+        }
         let mut bytes = Vec::with_capacity(512);
         self.format.render(line, &mut bytes);
         self.hand_over(bytes);
@@ -833,6 +843,7 @@ mod tests {
             buffer_limit: config::ByteSize(16 << 20),
             format: None,
             json_format: None,
+            filter: None,
         };
         let stats = Stats::new();
         let log = AccessLog::open(&cfg, &stats).unwrap();
@@ -873,6 +884,7 @@ mod tests {
             buffer_limit: config::ByteSize(16 << 20),
             format: None,
             json_format: None,
+            filter: None,
         };
         let log = AccessLog::open(&cfg, &Stats::new()).unwrap();
         log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": 0 })).unwrap());
@@ -910,6 +922,7 @@ mod tests {
             buffer_limit: config::ByteSize(16 << 20),
             format: None,
             json_format: None,
+            filter: None,
         };
         let (tx, rx) = mpsc::channel();
         // On a thread of its own: without a reader the old check never returned
@@ -929,6 +942,7 @@ mod tests {
             buffer_limit: config::ByteSize(16 << 20),
             format: None,
             json_format: None,
+            filter: None,
         };
         let reader = OpenOptions::new()
             .read(true)

@@ -324,6 +324,30 @@ pub struct AccessLog {
     /// literals), keys in the order written; absent = the default object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub json_format: Option<JsonFormat>,
+    /// Which lines are written (Envoy's access-log filters, nginx's `if=`);
+    /// absent = every line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<AccessLogFilter>,
+}
+
+/// `access_log.filter`: a line is written when every condition given holds.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFilter {
+    /// Statuses (`404`, `"500-599"`) whose lines are written; empty = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statuses: Vec<StatusRange>,
+    /// Only requests (sessions) that lasted at least this long; absent = any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_duration: Option<Dur>,
+    /// Only lines with one of these `%RESPONSE_FLAGS%` (`[]`: with any flag);
+    /// absent = any line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_flags: Option<Vec<String>>,
+    /// The share of the lines that pass the other conditions written, drawn at
+    /// random. Default 100%.
+    #[serde(default = "defaults::hundred_percent")]
+    pub percent: Percent,
 }
 
 /// `access_log.json_format`: its keys in the order written (a line's keys come
@@ -2476,6 +2500,11 @@ clusters:
             ("Top level", at(&[""]), fields::<Config>()),
             ("`admin`", at(&["admin"]), fields::<Admin>()),
             ("`access_log`", at(&["access_log"]), fields::<AccessLog>()),
+            (
+                "`access_log.filter`",
+                at(&["access_log.filter"]),
+                fields::<AccessLogFilter>(),
+            ),
             ("`listeners[]`", at(&["listeners"]), fields::<Listener>()),
             (
                 "`listeners[].http`",

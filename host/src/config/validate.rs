@@ -208,6 +208,40 @@ impl Config {
                 )
                 .key("access_log")
                 .key("json_format");
+            }
+            if let Some(f) = &log.filter {
+                if !(0.0..=100.0).contains(&f.percent.0) {
+                    e.top(
+                        format!(
+                            "`access_log.filter.percent` {} is not between 0% and 100%",
+                            f.percent
+                        ),
+                        "write a percentage from `0%` to `100%` (the default, every line)",
+                    )
+                    .key("access_log")
+                    .key("filter")
+                    .key("percent");
+                }
+                for (i, flag) in f.response_flags.iter().flatten().enumerate() {
+                    if !crate::access_log::format::RESPONSE_FLAGS.contains(&flag.as_str()) {
+                        e.top(
+                            format!("`{flag}` is not a response flag Legate logs"),
+                            format!(
+                                "the flags are {} (docs/config.md, `%RESPONSE_FLAGS%`)",
+                                crate::access_log::format::RESPONSE_FLAGS.join(", ")
+                            ),
+                        )
+                        .key("access_log")
+                        .key("filter")
+                        .key("response_flags")
+                        .index(i);
+                    }
+                }
+            }
+            let one_format = log.format.is_none() || log.json_format.is_none();
+            let has_keys = log.json_format.as_ref().is_none_or(|j| !j.0.is_empty());
+            if !(one_format && has_keys) {
+                // (Reported above.)
             } else if let Err(err) = crate::access_log::format::parse(log) {
                 let issue = e.top(err.message, err.help);
                 issue.key("access_log");
