@@ -18,6 +18,7 @@ pub mod config;
 pub mod connection;
 pub mod cors;
 pub mod error;
+pub mod fault;
 pub mod filter;
 pub mod head;
 pub mod hot_restart;

@@ -82,6 +82,10 @@ pub struct ListenerStats {
     /// the client: the stream was reset instead (Envoy's `sendLocalReply`
     /// once headers are sent).
     pub late_local_replies: Counter,
+    /// Requests a route's `fault.delay` held (Envoy's `fault.delays_injected`).
+    pub fault_delays: Counter,
+    /// Requests a route's `fault.abort` answered (Envoy's `fault.aborts_injected`).
+    pub fault_aborts: Counter,
     /// Bytes received from downstream (TCP listeners), added as they are read.
     pub rx_bytes: Counter,
     /// Bytes sent to downstream (TCP listeners), added as they are written.
@@ -227,6 +231,16 @@ impl ListenerStats {
             late_local_replies: stats.counter(
                 "legate_listener_late_local_replies_total",
                 "Local responses a filter sent after the response head had gone to the client: the stream was reset instead.",
+                &l,
+            ),
+            fault_delays: stats.counter(
+                "legate_listener_fault_delays_injected_total",
+                "Requests a route's fault.delay held before they went upstream.",
+                &l,
+            ),
+            fault_aborts: stats.counter(
+                "legate_listener_fault_aborts_injected_total",
+                "Requests a route's fault.abort answered instead of forwarding them.",
                 &l,
             ),
             rx_bytes: stats.counter(

@@ -22,7 +22,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Uri};
 use http_body_util::BodyExt;
-use rand::Rng;
 
 use crate::body;
 use crate::config::Mirror;
@@ -36,7 +35,7 @@ const DRAIN_LIMIT: usize = 1 << 20;
 
 /// Whether this request is to be mirrored under `m` (the `percent` draw).
 pub fn chosen(m: &Mirror) -> bool {
-    m.percent.0 >= 100.0 || rand::rng().random::<f64>() * 100.0 < m.percent.0
+    m.percent.draw()
 }
 
 /// `authority` with `-shadow` appended to its host part, as Envoy's shadow

@@ -794,6 +794,19 @@ async fn proxy(
             check_upgrade(token, Some(matched.route), http, &listener.stats)?;
         }
         out.cluster = Some(cluster_name.to_string());
+        if let Some(f) = &matched.route.fault {
+            // Before anything goes upstream, as Envoy's fault filter before its
+            // router: the route timeout starts after the delay.
+            if let Some(d) = f.delay.as_ref().and_then(crate::fault::delay) {
+                listener.stats.fault_delays.inc();
+                tokio::time::sleep(d).await;
+            }
+            if let Some(resp) = f.abort.as_ref().and_then(crate::fault::abort) {
+                listener.stats.fault_aborts.inc();
+                out.local = Some(crate::fault::ABORT_CAUSE.to_string());
+                return route_reply(out, &matched, http.via.as_deref(), resp).await;
+            }
+        }
         let entry = snapshot
             .clusters
             .get(&cluster_name)

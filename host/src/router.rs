@@ -173,6 +173,8 @@ pub struct Route {
     pub max_request_body: Option<u64>,
     /// Request mirroring (see [`crate::mirror`]).
     pub mirror: Option<config::Mirror>,
+    /// Fault injection (`fault`): delays and aborts for a share of requests.
+    pub fault: Option<Box<config::Fault>>,
     /// Whether the listener's `http.compression` applies to its responses.
     pub compression: bool,
     /// Per-type overrides of the listener's `http.upgrades` (see
@@ -1125,6 +1127,7 @@ impl Route {
             retry: cfg.retry.as_ref().map(RetryPolicy::new),
             max_request_body: cfg.max_request_body.map(|b| b.0),
             mirror: cfg.mirror.clone(),
+            fault: cfg.fault.clone().map(Box::new),
             compression: cfg.compression,
             upgrades: cfg
                 .upgrades

@@ -1217,3 +1217,89 @@ each_proto!(
         assert_eq!(heads.load(Ordering::SeqCst), 1);
     }
 );
+
+/// Routes of a fault-injection test: `/abort` answers 503 itself, `/grpc`
+/// a gRPC UNAVAILABLE, `/slow` is held 2.5 s before it goes upstream under a
+/// 2 s route timeout, `/` forwards.
+fn fault_config(up: std::net::SocketAddr, log: &std::path::Path) -> String {
+    web_config(
+        "          - match: { prefix: /abort }
+            cluster: backend
+            fault: { abort: { status: 503, percent: 100% } }
+          - match: { prefix: /grpc }
+            cluster: backend
+            fault: { abort: { grpc_status: 14 } }
+          - match: { prefix: /slow }
+            cluster: backend
+            timeout: 2s
+            fault: { delay: { duration: 2500ms } }
+          - match: { prefix: / }
+            cluster: backend
+",
+        &format!("  - name: backend\n    endpoints:\n      - address: {up}\n"),
+    )
+    .replace(
+        "version: 1\n",
+        &format!(
+            "version: 1\naccess_log: {{ path: {}, flush_interval: 10ms }}\n",
+            log.display()
+        ),
+    )
+}
+
+each_proto!(
+    /// `fault.abort`: the route answers the share drawn itself (Envoy's
+    /// fault filter: its body, cause `fault_filter_abort`, flag `FI`), and the
+    /// upstream never sees those requests; `grpc_status` answers gRPC's
+    /// trailers-only form. Routes without `fault` are untouched.
+    async fn a_fault_abort_answers_instead_of_the_upstream(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let lg = legate().config(&fault_config(up.addr, &log)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/abort").send().await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.text(), "fault filter abort");
+        let r = c.get("/grpc").send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("grpc-status"), Some("14"));
+        assert_eq!(r.header("grpc-message"), Some("fault filter abort"));
+        assert_eq!(up.requests.get(), 0);
+        assert_eq!(c.get("/ok").send().await.status, 200);
+        assert_eq!(up.requests.get(), 1);
+        let lines = access_log_until(&log, "three lines", |l| l.len() >= 3).await;
+        assert_eq!(lines[0]["cause"], "fault_filter_abort", "{}", lines[0]);
+        assert_eq!(lines[0]["cluster"], "backend", "{}", lines[0]);
+        assert_eq!(lines[1]["cause"], "fault_filter_abort", "{}", lines[1]);
+        assert_eq!(lines[2]["cause"], serde_json::Value::Null, "{}", lines[2]);
+        lg.assert_stat(r#"legate_listener_fault_aborts_injected_total{listener="web"}"#, 2.0)
+            .await;
+        lg.assert_stat(r#"legate_listener_fault_delays_injected_total{listener="web"}"#, 0.0)
+            .await;
+        lg.assert_stat(TWO_XX, 1.0).await;
+    }
+);
+
+each_proto!(
+    /// `fault.delay`: the request is held before it goes upstream, and the
+    /// route timeout starts after it (as Envoy's, whose fault filter holds the
+    /// request before its router): held 2.5 s under a 2 s timeout, it is
+    /// still answered by the upstream, not a 504.
+    async fn a_fault_delay_holds_the_request_before_the_route_timeout(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let lg = legate().config(&fault_config(up.addr, &log)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/slow").send().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(up.requests.get(), 1);
+        lg.assert_stat(r#"legate_listener_fault_delays_injected_total{listener="web"}"#, 1.0)
+            .await;
+        lg.assert_stat(r#"legate_listener_fault_aborts_injected_total{listener="web"}"#, 0.0)
+            .await;
+        let lines = access_log_until(&log, "the line", |l| !l.is_empty()).await;
+        assert!(lines[0]["duration_ms"].as_f64().unwrap() >= 2500.0, "{}", lines[0]);
+    }
+);

@@ -3,8 +3,6 @@
 //! nginx's `access_log ... if=`). A line that does not pass is neither
 //! formatted nor buffered.
 
-use rand::Rng as _;
-
 use super::format::response_flag;
 use super::Line;
 use crate::config::AccessLogFilter;
@@ -29,7 +27,7 @@ pub fn admits(f: &AccessLogFilter, line: &Line<'_>) -> bool {
         }
     }
     // Drawn last, so the share is of the lines the other conditions let by.
-    f.percent.0 >= 100.0 || rand::rng().random::<f64>() * 100.0 < f.percent.0
+    f.percent.draw()
 }
 
 #[cfg(test)]

@@ -836,7 +836,8 @@ fn header<'a>(line: &'a Line<'a>, dir: Direction, f: Field) -> Option<Cow<'a, st
 }
 
 /// The flags [`response_flag`] gives, for `access_log.filter.response_flags`.
-pub const RESPONSE_FLAGS: [&str; 9] = ["NR", "UH", "UF", "UO", "UT", "UR", "UPE", "SI", "DC"];
+pub const RESPONSE_FLAGS: [&str; 10] =
+    ["NR", "UH", "UF", "UO", "UT", "UR", "UPE", "SI", "DC", "FI"];
 
 /// Envoy's `%RESPONSE_FLAGS%` for a line's cause: the short names Envoy logs
 /// for the same outcome; `None` for a cause Envoy has no flag for (a filter's
@@ -854,6 +855,7 @@ pub fn response_flag(cause: &str, tcp: bool) -> Option<&'static str> {
         "stream_idle_timeout" => "SI",
         "downstream_disconnect" | "downstream_reset" if !tcp => "DC",
         "no_original_destination" => "UH",
+        crate::fault::ABORT_CAUSE => "FI",
         _ => return None,
     })
 }

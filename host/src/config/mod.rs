@@ -1057,6 +1057,10 @@ pub struct Route {
     /// Fire-and-forget copies of the route's requests to another cluster.
     #[serde(default)]
     pub mirror: Option<Mirror>,
+    /// Delays and aborts injected into a share of the route's requests
+    /// (Envoy's HTTP fault filter); absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
     /// Request headers to change (applied before the virtual host's).
     #[serde(default)]
     pub request_headers: HeaderOps,
@@ -1517,6 +1521,44 @@ impl Config {
         }
         self.local_zone = zone;
     }
+}
+
+/// Fault injection on a route (Envoy's HTTP fault filter); see docs/config.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Hold a share of the requests before they go upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// Answer a share of the requests locally instead of forwarding them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// `fault.delay`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    /// How long a delayed request is held.
+    pub duration: Dur,
+    /// The share of requests delayed. Default 100%.
+    #[serde(default = "defaults::hundred_percent")]
+    pub percent: Percent,
+}
+
+/// `fault.abort`: exactly one of `status` and `grpc_status`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    /// The HTTP status answered (200–599).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// A gRPC status (0–16) answered in gRPC's trailers-only form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// The share of requests aborted. Default 100%.
+    #[serde(default = "defaults::hundred_percent")]
+    pub percent: Percent,
 }
 
 /// Request mirroring (shadowing) of a route; see docs/config.md.
@@ -2500,6 +2542,21 @@ clusters:
             ("Top level", at(&[""]), fields::<Config>()),
             ("`admin`", at(&["admin"]), fields::<Admin>()),
             ("`access_log`", at(&["access_log"]), fields::<AccessLog>()),
+            (
+                "`routes[].virtual_hosts[].routes[].fault`",
+                route("fault"),
+                fields::<Fault>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].fault.delay`",
+                route("fault.delay"),
+                fields::<FaultDelay>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].fault.abort`",
+                route("fault.abort"),
+                fields::<FaultAbort>(),
+            ),
             (
                 "`access_log.filter`",
                 at(&["access_log.filter"]),

@@ -442,6 +442,15 @@ impl<'de> Deserialize<'de> for Cidr {
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 pub struct Percent(pub f64);
 
+impl Percent {
+    /// A draw at random per request: true for this share of draws (always
+    /// at 100% and more, without drawing).
+    pub fn draw(self) -> bool {
+        use rand::Rng as _;
+        self.0 >= 100.0 || rand::rng().random::<f64>() * 100.0 < self.0
+    }
+}
+
 impl fmt::Display for Percent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}%", self.0)

@@ -1410,6 +1410,88 @@ fn validate_cors(e: &mut Issues, loc: &Location, c: &crate::config::Cors) {
     }
 }
 
+/// A route's `fault`: on a forwarding route, with something to inject.
+fn validate_fault(e: &mut Issues, loc: &Location, r: &Route, f: &Fault) {
+    if r.cluster.is_none() && r.weighted_clusters.is_none() {
+        e.at(
+            loc,
+            "`fault` only applies to routes that forward to a cluster",
+            "remove `fault`, or route to a cluster: a redirect or direct response has no \
+             upstream to fail",
+        )
+        .key("fault");
+    }
+    if f.delay.is_none() && f.abort.is_none() {
+        e.at(
+            loc,
+            "`fault` has neither `delay` nor `abort`",
+            "add `delay: { duration: 1s, percent: 10% }` or `abort: { status: 503, percent: 5% }`",
+        )
+        .key("fault");
+    }
+    let percent = |e: &mut Issues, p: Percent, what: &str| {
+        if !(0.0..=100.0).contains(&p.0) {
+            e.at(
+                loc,
+                format!("`fault.{what}.percent` {p} is not between 0% and 100%"),
+                "write a percentage from `0%` to `100%` (the default: every request)",
+            )
+            .key("fault")
+            .key(what)
+            .key("percent");
+        }
+    };
+    if let Some(d) = &f.delay {
+        percent(e, d.percent, "delay");
+        if d.duration.get().is_zero() {
+            e.at(
+                loc,
+                "`fault.delay.duration` is 0",
+                "use a positive duration such as `2s`",
+            )
+            .key("fault")
+            .key("delay")
+            .key("duration");
+        }
+    }
+    if let Some(a) = &f.abort {
+        percent(e, a.percent, "abort");
+        match (a.status, a.grpc_status) {
+            (Some(s), None) if !(200..=599).contains(&s) => {
+                e.at(
+                    loc,
+                    format!("`fault.abort.status` {s} is not between 200 and 599"),
+                    "answer with an HTTP status such as `503`",
+                )
+                .key("fault")
+                .key("abort")
+                .key("status");
+            }
+            (None, Some(g)) if g > 16 => {
+                e.at(
+                    loc,
+                    format!("`fault.abort.grpc_status` {g} is not a gRPC status (0 to 16)"),
+                    "use e.g. `14` (UNAVAILABLE) or `4` (DEADLINE_EXCEEDED)",
+                )
+                .key("fault")
+                .key("abort")
+                .key("grpc_status");
+            }
+            (Some(_), None) | (None, Some(_)) => {}
+            (Some(_), Some(_)) | (None, None) => {
+                e.at(
+                    loc,
+                    "`fault.abort` needs exactly one of `status` and `grpc_status`",
+                    "`status: 503` answers HTTP; `grpc_status: 14` answers gRPC's \
+                     trailers-only form",
+                )
+                .key("fault")
+                .key("abort");
+            }
+        }
+    }
+}
+
 fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
     let loc = &r.referenced;
     let r = &r.value;
@@ -1460,6 +1542,9 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
             )
             .key(second);
         }
+    }
+    if let Some(f) = &r.fault {
+        validate_fault(e, loc, r, f);
     }
     if let Some(c) = &r.cluster {
         clusters.check(e, c);
