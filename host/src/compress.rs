@@ -1,14 +1,17 @@
-//! Response compression (`listeners[].http.compression`): gzip for clients that
-//! accept it, as Envoy's compressor filter and nginx's `gzip on` do.
+//! Response compression (`listeners[].http.compression`): gzip, and brotli when
+//! configured, for clients that accept them, as Envoy's compressor filter and
+//! nginx's `gzip on` (and `brotli on`) do.
 //!
 //! Decided once per response, after the response filters and before the head
-//! goes out: the request's `accept-encoding` must accept gzip, and the response
-//! must be a compressible one (a listed media type, not already encoded, not
+//! goes out: the request's `accept-encoding` must accept a coding ([`accepted`]:
+//! the highest weight, brotli at a tie), and the response must be a
+//! compressible one (a listed media type, not already encoded, not
 //! `no-transform`, not a range, long enough). Its body is then wrapped in
-//! [`Gzip`], which compresses each chunk as it passes and flushes it (zlib's sync
-//! flush), so a streamed response reaches the client as the upstream sends it;
-//! the head loses its `content-length`, and gains `content-encoding: gzip` and
-//! `vary: accept-encoding`; a strong `etag` becomes weak, as in Envoy.
+//! [`Compressed`], which compresses each chunk as it passes and flushes it
+//! (zlib's sync flush, brotli's flush), so a streamed response reaches the
+//! client as the upstream sends it; the head loses its `content-length`, and
+//! gains `content-encoding` and `vary: accept-encoding`; a strong `etag`
+//! becomes weak, as in Envoy.
 
 use std::io::Write as _;
 use std::pin::Pin;
@@ -28,7 +31,7 @@ use crate::stats::Counter;
 pub struct CompressionStats {
     /// Responses compressed.
     pub compressed: Counter,
-    /// Compressible responses sent as they were: the client did not accept gzip.
+    /// Compressible responses sent as they were: the client accepted no coding offered.
     pub not_accepted: Counter,
     /// Bytes of the compressed responses' bodies before compression.
     pub bytes_in: Counter,
@@ -36,10 +39,29 @@ pub struct CompressionStats {
     pub bytes_out: Counter,
 }
 
-/// Whether `accept-encoding` values accept gzip: a `gzip` (or `x-gzip`) coding
-/// with a nonzero `q`, or `*` with one and no `gzip;q=0` (RFC 9110 §12.5.3).
-pub fn accepts_gzip(headers: &HeaderMap) -> bool {
-    let mut star = false;
+/// A content coding Legate compresses with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coding {
+    Gzip,
+    Brotli,
+}
+
+impl Coding {
+    fn token(self) -> &'static str {
+        match self {
+            Coding::Gzip => "gzip",
+            Coding::Brotli => "br",
+        }
+    }
+}
+
+/// The coding `accept-encoding` values ask for (RFC 9110 §12.5.3): of gzip
+/// (`gzip`, `x-gzip`) and, if `brotli` is offered, `br`, the one with the
+/// highest nonzero `q` (a coding not named takes `*`'s weight); brotli at a
+/// tie, being smaller. `None`: neither (a weight that does not parse accepts
+/// nothing).
+pub fn accepted(headers: &HeaderMap, brotli: bool) -> Option<Coding> {
+    let (mut gzip, mut br, mut star) = (None, None, None);
     for value in headers.get_all(header::ACCEPT_ENCODING) {
         let Ok(value) = value.to_str() else { continue };
         for item in value.split(',') {
@@ -48,18 +70,35 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
             let q = parts
                 .filter_map(|p| p.trim().split_once('='))
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
-                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok());
-            // A weight that does not parse accepts nothing.
-            let accepted = q.is_some_and(|q| q > 0.0);
-            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
-                return accepted;
-            }
-            if coding == "*" {
-                star = accepted;
-            }
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(0.0);
+            let slot =
+                if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                    &mut gzip
+                } else if coding.eq_ignore_ascii_case("br") {
+                    &mut br
+                } else if coding == "*" {
+                    &mut star
+                } else {
+                    continue;
+                };
+            // The first mention of a coding counts.
+            slot.get_or_insert(q);
         }
     }
-    star
+    let gzip = gzip.or(star).unwrap_or(0.0);
+    let br = if brotli {
+        br.or(star).unwrap_or(0.0)
+    } else {
+        0.0
+    };
+    if br > 0.0 && br >= gzip {
+        Some(Coding::Brotli)
+    } else if gzip > 0.0 {
+        Some(Coding::Gzip)
+    } else {
+        None
+    }
 }
 
 /// Whether a response with this head may be compressed at all (whatever the
@@ -106,13 +145,13 @@ fn compressible(cfg: &Compression, head: bool, resp: &Response<Body>) -> bool {
         .any(|t| t.eq_ignore_ascii_case(media))
 }
 
-/// Compresses `resp` if it and the client (`accepts`: [`accepts_gzip`] of the
+/// Compresses `resp` if it and the client (`accepts`: [`accepted`] of the
 /// request) allow, counting in `stats`.
 pub fn apply(
     cfg: &Compression,
     stats: &CompressionStats,
     method: &Method,
-    accepts: bool,
+    accepts: Option<Coding>,
     resp: &mut Response<Body>,
 ) {
     let head = method == Method::HEAD;
@@ -129,17 +168,20 @@ pub fn apply(
     if !varies {
         h.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
-    if !accepts {
+    let Some(coding) = accepts else {
         if !head {
             stats.not_accepted.inc();
         }
         return;
-    }
+    };
     if !head {
         stats.compressed.inc();
     }
     h.remove(header::CONTENT_LENGTH);
-    h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    h.insert(
+        header::CONTENT_ENCODING,
+        HeaderValue::from_static(coding.token()),
+    );
     // Another representation: a strong validator no longer holds (RFC 9110
     // §8.8.1), a weak one does.
     if let Some(etag) = h.get(header::ETAG) {
@@ -156,12 +198,21 @@ pub fn apply(
         return;
     }
     let inner = std::mem::replace(resp.body_mut(), body::empty());
-    *resp.body_mut() = body::boxed(Gzip {
-        inner,
-        encoder: Some(GzEncoder::new(
+    let encoder = match (coding, &cfg.brotli) {
+        (Coding::Brotli, Some(b)) => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
+            Vec::new(),
+            BROTLI_BUFFER,
+            b.quality.min(11),
+            b.window_bits.clamp(10, 24),
+        ))),
+        _ => Encoder::Gzip(GzEncoder::new(
             Vec::new(),
             flate2::Compression::new(cfg.level.clamp(1, 9)),
         )),
+    };
+    *resp.body_mut() = body::boxed(Compressed {
+        inner,
+        encoder: Some(encoder),
         trailers: None,
         stats: stats.clone(),
         bytes_in: 0,
@@ -169,31 +220,71 @@ pub fn apply(
     });
 }
 
+/// The brotli encoder's input buffer (what it compresses in one go).
+const BROTLI_BUFFER: usize = 4096;
+
+/// A compressed stream's encoder, writing into a `Vec` taken after each chunk.
+enum Encoder {
+    Gzip(GzEncoder<Vec<u8>>),
+    /// Boxed: brotli's state is large, and a `Compressed` is moved as a body.
+    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+}
+
+impl Encoder {
+    /// Compresses `data` and flushes it (zlib's sync flush, brotli's flush):
+    /// what came goes on now, at a few bytes each.
+    fn write_flushed(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Encoder::Gzip(e) => {
+                e.write_all(data)?;
+                e.flush()
+            }
+            Encoder::Brotli(e) => {
+                e.write_all(data)?;
+                e.flush()
+            }
+        }
+    }
+
+    /// What the encoder has produced so far.
+    fn take(&mut self) -> Vec<u8> {
+        match self {
+            Encoder::Gzip(e) => std::mem::take(e.get_mut()),
+            Encoder::Brotli(e) => std::mem::take(e.get_mut()),
+        }
+    }
+
+    /// Ends the stream: what is left of it (gzip's trailer with the CRC,
+    /// brotli's last block).
+    fn finish(self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Encoder::Gzip(e) => e.finish(),
+            Encoder::Brotli(e) => Ok(e.into_inner()),
+        }
+    }
+}
+
 /// A body compressed as it streams.
-struct Gzip {
+struct Compressed {
     inner: Body,
-    /// `None` once the gzip stream is finished.
-    encoder: Option<GzEncoder<Vec<u8>>>,
-    /// The inner body's trailers, sent after the gzip stream's end.
+    /// `None` once the compressed stream is finished.
+    encoder: Option<Encoder>,
+    /// The inner body's trailers, sent after the compressed stream's end.
     trailers: Option<HeaderMap>,
     stats: CompressionStats,
     bytes_in: u64,
     bytes_out: u64,
 }
 
-impl Gzip {
+impl Compressed {
     /// What the encoder has produced so far.
     fn take_output(&mut self) -> Bytes {
-        let out = self
-            .encoder
-            .as_mut()
-            .map(|e| std::mem::take(e.get_mut()))
-            .unwrap_or_default();
+        let out = self.encoder.as_mut().map(Encoder::take).unwrap_or_default();
         self.bytes_out += out.len() as u64;
         Bytes::from(out)
     }
 
-    /// Ends the gzip stream: what is left of it (the trailer with the CRC).
+    /// Ends the compressed stream: what is left of it.
     fn finish(&mut self) -> Result<Bytes, BoxError> {
         let Some(encoder) = self.encoder.take() else {
             return Ok(Bytes::new());
@@ -204,14 +295,14 @@ impl Gzip {
     }
 }
 
-impl Drop for Gzip {
+impl Drop for Compressed {
     fn drop(&mut self) {
         self.stats.bytes_in.add(self.bytes_in);
         self.stats.bytes_out.add(self.bytes_out);
     }
 }
 
-impl HttpBody for Gzip {
+impl HttpBody for Compressed {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -222,17 +313,15 @@ impl HttpBody for Gzip {
         let this = &mut *self;
         loop {
             let Some(encoder) = this.encoder.as_mut() else {
-                // The gzip stream went out; then the trailers, if any.
+                // The compressed stream went out; then the trailers, if any.
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             };
             match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         this.bytes_in += data.len() as u64;
-                        encoder.write_all(&data)?;
-                        // A sync flush: what came goes on now (a streamed
-                        // response is not held back), at a few bytes each.
-                        encoder.flush()?;
+                        // Flushed: a streamed response is not held back.
+                        encoder.write_flushed(&data)?;
                         let out = this.take_output();
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -275,25 +364,41 @@ mod tests {
         CompressionStats::default()
     }
 
-    fn accept(v: &str) -> bool {
+    fn accept(v: &str, brotli: bool) -> Option<Coding> {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
-        accepts_gzip(&h)
+        accepted(&h, brotli)
     }
 
     #[test]
     fn what_accepts_gzip() {
-        assert!(accept("gzip"));
-        assert!(accept("br, gzip;q=0.5"));
-        assert!(accept("GZIP"));
-        assert!(accept("x-gzip"));
-        assert!(accept("*"));
-        assert!(!accept("gzip;q=0"));
-        assert!(!accept("*, gzip;q=0"));
-        assert!(!accept("gzip;q=0, *"));
-        assert!(!accept("br, identity"));
-        assert!(!accept("gzip;q=x"));
-        assert!(!accepts_gzip(&HeaderMap::new()));
+        let gzip = |v| accept(v, false) == Some(Coding::Gzip);
+        assert!(gzip("gzip"));
+        assert!(gzip("br, gzip;q=0.5"));
+        assert!(gzip("GZIP"));
+        assert!(gzip("x-gzip"));
+        assert!(gzip("*"));
+        assert!(!gzip("gzip;q=0"));
+        assert!(!gzip("*, gzip;q=0"));
+        assert!(!gzip("gzip;q=0, *"));
+        assert!(!gzip("br, identity"));
+        assert!(!gzip("gzip;q=x"));
+        assert_eq!(accepted(&HeaderMap::new(), true), None);
+    }
+
+    #[test]
+    fn brotli_when_offered_and_weighted_at_least_as_high() {
+        let b = |v| accept(v, true);
+        assert_eq!(b("gzip, deflate, br, zstd"), Some(Coding::Brotli));
+        assert_eq!(b("br;q=0.5, gzip"), Some(Coding::Gzip));
+        assert_eq!(b("gzip;q=0.5, br;q=0.8"), Some(Coding::Brotli));
+        assert_eq!(b("br"), Some(Coding::Brotli));
+        assert_eq!(b("*"), Some(Coding::Brotli));
+        assert_eq!(b("*, br;q=0"), Some(Coding::Gzip));
+        assert_eq!(b("br;q=0, gzip;q=0"), None);
+        // Not offered: gzip or nothing.
+        assert_eq!(accept("br", false), None);
+        assert_eq!(accept("gzip, br", false), Some(Coding::Gzip));
     }
 
     fn response(headers: &[(&str, &str)], body: &'static str) -> Response<Body> {
@@ -310,6 +415,43 @@ mod tests {
     const TEXT: &str = "hello hello hello hello hello hello hello hello hello hello";
 
     #[tokio::test]
+    async fn a_brotli_body_decodes_to_the_original() {
+        let s = stats();
+        let mut c = cfg();
+        c.brotli = Some(serde_saphyr::from_str("{}").unwrap());
+        // A streamed body: each chunk goes on as it comes.
+        let chunks = futures_util::stream::iter(
+            [&TEXT[..20], &TEXT[20..]]
+                .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from_static(p.as_bytes())))),
+        );
+        let mut r = Response::new(body::boxed(http_body_util::StreamBody::new(chunks)));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        apply(&c, &s, &Method::GET, Some(Coding::Brotli), &mut r);
+        assert_eq!(r.headers()["content-encoding"], "br");
+        let mut body = r.into_body();
+        let mut frames = Vec::new();
+        while let Some(f) = body.frame().await {
+            frames.push(f.unwrap().into_data().unwrap());
+        }
+        // The first chunk was flushed on its own: it decodes before the end.
+        let mut first = Vec::new();
+        let mut d = brotli::Decompressor::new(&frames[0][..], 4096);
+        let _ = d.read_to_end(&mut first);
+        assert_eq!(String::from_utf8_lossy(&first), TEXT[..20]);
+        let all: Vec<u8> = frames.concat();
+        let mut plain = String::new();
+        brotli::Decompressor::new(&all[..], 4096)
+            .read_to_string(&mut plain)
+            .unwrap();
+        assert_eq!(plain, TEXT);
+        // (Its byte counts are added when the body is dropped.)
+        drop(body);
+        assert_eq!(s.compressed.get(), 1);
+        assert_eq!(s.bytes_out.get(), all.len() as u64);
+    }
+
+    #[tokio::test]
     async fn a_compressed_body_is_gzip_of_the_original() {
         let s = stats();
         let mut r = response(
@@ -320,7 +462,7 @@ mod tests {
             ],
             TEXT,
         );
-        apply(&cfg(), &s, &Method::GET, true, &mut r);
+        apply(&cfg(), &s, &Method::GET, Some(Coding::Gzip), &mut r);
         assert_eq!(r.headers()["content-encoding"], "gzip");
         assert_eq!(r.headers()["vary"], "accept-encoding");
         assert_eq!(r.headers()["etag"], "W/\"v1\"");
@@ -377,7 +519,7 @@ mod tests {
         for (headers, method, status) in cases {
             let mut r = response(headers, TEXT);
             *r.status_mut() = *status;
-            apply(&cfg(), &s, method, true, &mut r);
+            apply(&cfg(), &s, method, Some(Coding::Gzip), &mut r);
             assert!(
                 !r.headers().contains_key("content-encoding")
                     || r.headers()["content-encoding"] == "br",
@@ -391,7 +533,7 @@ mod tests {
             &[("content-type", "application/json"), ("vary", "origin")],
             TEXT,
         );
-        apply(&cfg(), &s, &Method::GET, false, &mut r);
+        apply(&cfg(), &s, &Method::GET, None, &mut r);
         assert!(!r.headers().contains_key("content-encoding"));
         let vary: Vec<_> = r.headers().get_all("vary").iter().collect();
         assert_eq!(vary, ["origin", "accept-encoding"]);
@@ -406,7 +548,7 @@ mod tests {
             "",
         );
         *r.body_mut() = body::empty();
-        apply(&cfg(), &s, &Method::HEAD, true, &mut r);
+        apply(&cfg(), &s, &Method::HEAD, Some(Coding::Gzip), &mut r);
         assert_eq!(r.headers()["content-encoding"], "gzip");
         assert_eq!(r.headers()["vary"], "accept-encoding");
         assert_eq!(r.headers()["etag"], "W/\"v1\"");
@@ -426,7 +568,7 @@ mod tests {
         let mut r = Response::new(body::boxed(inner));
         r.headers_mut()
             .insert("content-type", HeaderValue::from_static("text/plain"));
-        apply(&cfg(), &stats(), &Method::GET, true, &mut r);
+        apply(&cfg(), &stats(), &Method::GET, Some(Coding::Gzip), &mut r);
         let all = r.into_body().collect().await.unwrap();
         assert_eq!(all.trailers().unwrap()["grpc-status"], "0");
         let mut plain = String::new();

@@ -148,12 +148,12 @@ impl ListenerStats {
             compression: crate::compress::CompressionStats {
                 compressed: stats.counter(
                     "legate_listener_compressed_total",
-                    "Responses compressed (gzip) by http.compression.",
+                    "Responses compressed (gzip or brotli) by http.compression.",
                     &l,
                 ),
                 not_accepted: stats.counter(
                     "legate_listener_compression_not_accepted_total",
-                    "Compressible responses sent uncompressed: the client did not accept gzip.",
+                    "Compressible responses sent uncompressed: the client accepted no coding offered.",
                     &l,
                 ),
                 bytes_in: stats.counter(

@@ -187,13 +187,13 @@ pub async fn handle(
     // bytes right after its head, so the refusal closes the connection too.
     let connect_h1 = req.method() == Method::CONNECT && version < Version::HTTP_2;
     // Read before the request goes on; a listener without compression reads nothing.
-    let gzip_accepted = conn
+    let coding = conn
         .listener
         .cfg
         .http
         .as_ref()
-        .is_some_and(|h| h.compression.is_some())
-        && crate::compress::accepts_gzip(req.headers());
+        .and_then(|h| h.compression.as_ref())
+        .and_then(|c| crate::compress::accepted(req.headers(), c.brotli.is_some()));
     let mut in_flight = InFlight {
         conn: Some(conn.clone()),
         start,
@@ -297,7 +297,7 @@ pub async fn handle(
             c,
             &conn.listener.stats.compression,
             &in_flight.method,
-            gzip_accepted,
+            coding,
             &mut resp,
         );
     }

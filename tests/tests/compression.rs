@@ -1,5 +1,6 @@
-//! `listeners[].http.compression`: gzip for clients that accept it, with real
-//! upstreams, over HTTP/1.1 and HTTP/2; a streamed response is not held back.
+//! `listeners[].http.compression`: gzip (and brotli, when offered) for clients
+//! that accept it, with real upstreams, over HTTP/1.1 and HTTP/2; a streamed
+//! response is not held back.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -179,5 +180,59 @@ each_proto!(
         assert_eq!(r.header("vary"), None);
         assert!(r.text() == page(), "not the page as it was");
         assert_eq!(lg.stat(&stat("compressed_total")).await, Some(0.0));
+    }
+);
+
+each_proto!(
+    /// `compression.brotli`: a client that accepts `br` at least as much as
+    /// gzip gets brotli (a browser's `gzip, deflate, br, zstd`), one that
+    /// prefers gzip gets gzip; without `brotli` in the config, gzip.
+    async fn brotli_for_a_client_that_accepts_it_when_offered(proto) {
+        let up = upstream()
+            .route("/page", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::from(page())));
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("text/html"));
+                r
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&config(up.addr, "{ brotli: { quality: 5, window_bits: 20 } }"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/page")
+            .header("accept-encoding", "gzip, deflate, br, zstd")
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-encoding"), Some("br"));
+        assert_eq!(r.header("vary"), Some("accept-encoding"));
+        let mut plain = String::new();
+        brotli::Decompressor::new(&r.body[..], 4096)
+            .read_to_string(&mut plain)
+            .unwrap();
+        assert_eq!(plain, page());
+        assert!(r.body.len() * 10 < page().len(), "{} of {}", r.body.len(), page().len());
+        let r = c
+            .get("/page")
+            .header("accept-encoding", "br;q=0.5, gzip")
+            .send()
+            .await;
+        assert_eq!(r.header("content-encoding"), Some("gzip"));
+        assert_eq!(gunzip(&r.body), page());
+        lg.assert_stat(&stat("compressed_total"), 2.0).await;
+
+        // Not offered: a client that accepts both gets gzip.
+        let lg = legate().config(&config(up.addr, "{}")).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/page")
+            .header("accept-encoding", "gzip, deflate, br, zstd")
+            .send()
+            .await;
+        assert_eq!(r.header("content-encoding"), Some("gzip"));
+        assert_eq!(gunzip(&r.body), page());
     }
 );

@@ -825,6 +825,37 @@ fn validate_listener(
                     .key("compression")
                     .key("level");
                 }
+                if let Some(b) = &c.brotli {
+                    if b.quality > 11 {
+                        e.at(
+                            loc,
+                            format!(
+                                "listener `{}`: `compression.brotli.quality` {} is not from 0 to 11",
+                                l.name, b.quality
+                            ),
+                            "0 is the fastest, 11 the smallest; 3 (the default) costs about \
+                             what gzip does",
+                        )
+                        .key("http")
+                        .key("compression")
+                        .key("brotli")
+                        .key("quality");
+                    }
+                    if !(10..=24).contains(&b.window_bits) {
+                        e.at(
+                            loc,
+                            format!(
+                                "listener `{}`: `compression.brotli.window_bits` {} is not from 10 to 24",
+                                l.name, b.window_bits
+                            ),
+                            "the window is 2^window_bits bytes; 18 (the default) is 256KiB",
+                        )
+                        .key("http")
+                        .key("compression")
+                        .key("brotli")
+                        .key("window_bits");
+                    }
+                }
                 for t in &c.content_types {
                     let ok = t.split_once('/').is_some_and(|(a, b)| {
                         !a.is_empty()
