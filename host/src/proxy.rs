@@ -3648,6 +3648,7 @@ impl Drop for Done {
                     start: Some(l.started),
                     local: Some(self.conn.original_dst.unwrap_or(self.conn.local)),
                     scheme: Some(scheme_of(&self.conn)),
+                    grpc: o.grpc,
                     request: &l.request,
                     response: &l.response,
                     trailers: &l.trailers,

@@ -605,7 +605,11 @@ fn apply_config(shared: &Arc<Shared>) -> Result<Value, String> {
             cfg.admin.address.value, old.config.admin.address.value
         ));
     }
-    if !same(&cfg.access_log, &old.config.access_log) {
+    // As text: `json_format`'s key order is part of the config (the lines'
+    // order), which a JSON value's sorted map would not see.
+    if serde_json::to_string(&cfg.access_log).ok()
+        != serde_json::to_string(&old.config.access_log).ok()
+    {
         notes.push("access_log changed; it takes effect at the next (hot) restart".to_string());
     }
     // Warned once the config is in force (below): a reload that fails later

@@ -275,7 +275,9 @@ pub async fn serve(
         ctx: &ctx,
         cluster: tcp.cluster.value.as_str(),
         peer,
-        local,
+        // What the client connected to: a redirected connection's original
+        // destination (as HTTP lines log it).
+        local: original_dst.unwrap_or(local),
         start: SystemTime::now(),
         started: Instant::now(),
         tls: None,

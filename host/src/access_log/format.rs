@@ -105,7 +105,7 @@ enum Kind {
     },
     RequestedServerName,
     DownstreamPeerSubject,
-    Hostname(String),
+    Hostname(Option<String>),
     GrpcStatus {
         style: GrpcStyle,
         headers: usize,
@@ -590,11 +590,13 @@ fn bad_time(f: &str, what: &str) -> ParseError {
     )
 }
 
-/// This host's name (`%HOSTNAME%`), read once when the format is parsed.
-fn hostname() -> String {
+/// This host's name (`%HOSTNAME%`), read once when the format is parsed;
+/// `None` (no value) if the kernel does not say.
+fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
         .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+        .filter(|s| !s.is_empty())
 }
 
 /// An operator's value on one line.
@@ -759,26 +761,38 @@ impl Kind {
             Kind::DownstreamLocalAddress { port } => address(f.local, *port),
             Kind::RequestedServerName => text(line.requested_server_name),
             Kind::DownstreamPeerSubject => text(line.downstream_peer_subject),
-            Kind::Hostname(h) => Value::Text(Cow::Borrowed(h)),
+            Kind::Hostname(h) => text(h.as_deref()),
             Kind::Listener => Value::Text(Cow::Borrowed(line.listener)),
             Kind::GrpcStatus {
                 style,
                 headers,
                 trailers,
             } => {
+                if !f.grpc {
+                    return Value::Absent;
+                }
                 let raw = f
                     .trailers
                     .get(*trailers)
                     .and_then(Option::as_deref)
                     .or_else(|| f.response.get(*headers).and_then(Option::as_deref));
-                match raw.map(|r| (r, r.trim().parse::<u64>())) {
-                    None => Value::Absent,
-                    Some((_, Ok(n))) => match (style, GRPC_NAMES.get(n as usize)) {
-                        (GrpcStyle::Number, _) | (_, None) => Value::Number(n),
+                // Without a `grpc-status` (a plain 503 from a proxy on the
+                // way), the status gRPC's HTTP mapping gives, as Envoy's.
+                let code = match raw {
+                    Some(r) => r.trim().parse::<u64>(),
+                    None => Ok(u64::from(legate_abi_rules::grpc::status_of_http(
+                        line.status,
+                    ))),
+                };
+                match code {
+                    Ok(n) => match (style, GRPC_NAMES.get(n as usize)) {
+                        (GrpcStyle::Number, _) => Value::Number(n),
+                        // A code gRPC does not define: its digits, as text.
+                        (_, None) => Value::Text(Cow::Owned(n.to_string())),
                         (GrpcStyle::Camel, Some((camel, _))) => Value::Text(Cow::Borrowed(camel)),
                         (GrpcStyle::Snake, Some((_, snake))) => Value::Text(Cow::Borrowed(snake)),
                     },
-                    Some((r, Err(_))) => Value::Text(Cow::Borrowed(r)),
+                    Err(_) => raw.map_or(Value::Absent, |r| Value::Text(Cow::Borrowed(r))),
                 }
             }
         }
@@ -836,8 +850,9 @@ fn header<'a>(line: &'a Line<'a>, dir: Direction, f: Field) -> Option<Cow<'a, st
 }
 
 /// The flags [`response_flag`] gives, for `access_log.filter.response_flags`.
-pub const RESPONSE_FLAGS: [&str; 10] =
-    ["NR", "UH", "UF", "UO", "UT", "UR", "UPE", "SI", "DC", "FI"];
+pub const RESPONSE_FLAGS: [&str; 12] = [
+    "NR", "UH", "UF", "UO", "UT", "UR", "UPE", "SI", "DC", "DR", "DT", "FI",
+];
 
 /// Envoy's `%RESPONSE_FLAGS%` for a line's cause: the short names Envoy logs
 /// for the same outcome; `None` for a cause Envoy has no flag for (a filter's
@@ -852,8 +867,13 @@ pub fn response_flag(cause: &str, tcp: bool) -> Option<&'static str> {
         "upstream_timeout" | "upstream_per_try_timeout" => "UT",
         "upstream_reset" | "response_body_failed" => "UR",
         "upstream_protocol_error" => "UPE",
+        // An upgraded exchange's tunnel idle too (HTTP lines only: a TCP
+        // session's idle timeout has no flag).
         "stream_idle_timeout" => "SI",
-        "downstream_disconnect" | "downstream_reset" if !tcp => "DC",
+        "idle_timeout" if !tcp => "SI",
+        "downstream_disconnect" if !tcp => "DC",
+        "downstream_reset" if !tcp => "DR",
+        "max_connection_duration" => "DT",
         "no_original_destination" => "UH",
         crate::fault::ABORT_CAUSE => "FI",
         _ => return None,
@@ -971,6 +991,7 @@ mod tests {
                 start: Some(t()),
                 local: Some("127.0.0.2:443".parse().unwrap()),
                 scheme: Some("https"),
+                grpc: false,
                 request: req,
                 response: resp,
                 trailers: &[],
@@ -1073,6 +1094,38 @@ mod tests {
             render(&f, &line(&req, &[])),
             r#"{"zeta":200,"alpha":null,"up":{"cluster":"backend","took":12},"tag":"v=200 -","version":2,"on":true,"ua":"a \"quoted\" agent"}"#
         );
+    }
+
+    #[test]
+    fn grpc_status_is_envoys() {
+        let c = cfg(
+            Some("%GRPC_STATUS% %GRPC_STATUS(SNAKE_STRING)% %GRPC_STATUS(NUMBER)%"),
+            None,
+        );
+        let (f, wants) = parse(&c).unwrap();
+        assert_eq!(wants.response, ["grpc-status"]);
+        assert_eq!(wants.trailers, ["grpc-status"]);
+        let status = |resp: &[Option<String>], trailers: &[Option<String>], grpc, code| {
+            let mut l = line(&[], resp);
+            l.facts.trailers = trailers;
+            l.facts.grpc = grpc;
+            l.status = code;
+            render(&f, &l)
+        };
+        let five = [Some("5".to_string())];
+        // From the trailers, else the head (trailers-only).
+        assert_eq!(status(&[None], &five, true, 200), "NotFound NOT_FOUND 5");
+        assert_eq!(status(&five, &[], true, 200), "NotFound NOT_FOUND 5");
+        // None at all: gRPC's mapping of the HTTP status.
+        assert_eq!(
+            status(&[None], &[], true, 503),
+            "Unavailable UNAVAILABLE 14"
+        );
+        // Not a gRPC request: no value.
+        assert_eq!(status(&five, &[], false, 200), "- - -");
+        // A code gRPC does not define: its digits.
+        let odd = [Some("17".to_string())];
+        assert_eq!(status(&odd, &[], true, 200), "17 17 17");
     }
 
     #[test]

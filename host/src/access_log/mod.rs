@@ -100,6 +100,8 @@ pub struct Facts<'a> {
     pub local: Option<std::net::SocketAddr>,
     /// `http` or `https`: `%REQ(:SCHEME)%`.
     pub scheme: Option<&'static str>,
+    /// A gRPC request (`%GRPC_STATUS%` has a value only for one).
+    pub grpc: bool,
     /// The request, response and trailer fields the format asked for
     /// ([`format::Wants`]), in its order; empty when not captured.
     pub request: &'a [Option<String>],

@@ -505,6 +505,11 @@ pub struct StatusRange {
 }
 
 impl StatusRange {
+    /// Whether it is a status or a rising range of them, within 100–599.
+    pub fn is_valid(&self) -> bool {
+        (100..=599).contains(&self.lo) && (100..=599).contains(&self.hi) && self.lo <= self.hi
+    }
+
     /// Whether `status` is in the range.
     pub fn contains(&self, status: u16) -> bool {
         (self.lo..=self.hi).contains(&status)

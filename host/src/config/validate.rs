@@ -210,6 +210,19 @@ impl Config {
                 .key("json_format");
             }
             if let Some(f) = &log.filter {
+                for (i, r) in f.statuses.iter().enumerate() {
+                    if !r.is_valid() {
+                        e.top(
+                            format!("`access_log.filter.statuses` entry `{r}` is not a status or a rising range of statuses"),
+                            "statuses are from 100 to 599 (a client gone is logged 499); write a \
+                             range low to high, like `\"500-599\"`",
+                        )
+                        .key("access_log")
+                        .key("filter")
+                        .key("statuses")
+                        .index(i);
+                    }
+                }
                 if !(0.0..=100.0).contains(&f.percent.0) {
                     e.top(
                         format!(
@@ -2865,7 +2878,7 @@ fn validate_resilience(e: &mut Issues, loc: &Location, c: &Cluster) {
                 .key("expected_statuses");
             }
             for (i, r) in http.expected_statuses.iter().enumerate() {
-                if !(100..=599).contains(&r.lo) || !(100..=599).contains(&r.hi) || r.lo > r.hi {
+                if !r.is_valid() {
                     e.at(
                         loc,
                         format!("cluster `{name}`: expected status `{r}` is not a status or a rising range of statuses"),
