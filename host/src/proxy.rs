@@ -3649,6 +3649,7 @@ impl Drop for Done {
                     local: Some(self.conn.original_dst.unwrap_or(self.conn.local)),
                     scheme: Some(scheme_of(&self.conn)),
                     grpc: o.grpc,
+                    tls: tls_of(&self.conn),
                     request: &l.request,
                     response: &l.response,
                     trailers: &l.trailers,
@@ -3667,6 +3668,11 @@ impl Done {
             }
         }
     }
+}
+
+/// `%DOWNSTREAM_TLS_VERSION%` and `%DOWNSTREAM_TLS_CIPHER%`.
+fn tls_of(conn: &ConnCtx) -> Option<(&'static str, &'static str)> {
+    conn.tls.as_ref().map(|t| (t.version, t.cipher))
 }
 
 /// `%REQ(:SCHEME)%`: the scheme the client spoke to the listener.
@@ -3756,6 +3762,7 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
             start: now.checked_sub(elapsed),
             local: Some(conn.original_dst.unwrap_or(conn.local)),
             scheme: Some(scheme_of(conn)),
+            tls: tls_of(conn),
             ..access_log::Facts::default()
         },
     });

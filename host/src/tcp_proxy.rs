@@ -126,6 +126,7 @@ impl Session<'_> {
             facts: access_log::Facts {
                 start: Some(self.start),
                 local: Some(self.local),
+                tls: self.tls.as_ref().map(|t| (t.version, t.cipher)),
                 ..access_log::Facts::default()
             },
         });

@@ -276,3 +276,37 @@ each_proto!(
         ).await;
     }
 );
+
+each_proto!(
+    /// An `access_log.format`'s TLS operators: the SNI, the client
+    /// certificate's subject, the session's TLS version and cipher suite, the
+    /// scheme.
+    async fn a_format_logs_the_tls_session(proto) {
+        let p = pki();
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let log = dir.path().join("access.log");
+        let plain = format!("access_log: {{ path: {} }}\n", log.display());
+        let cfg = config(up.addr, &p, "", false, Some(&log)).replace(
+            &plain,
+            &format!(
+                "access_log: {{ path: {}, format: '%REQUESTED_SERVER_NAME% %DOWNSTREAM_PEER_SUBJECT% \
+                 %DOWNSTREAM_TLS_VERSION% %DOWNSTREAM_TLS_CIPHER% %REQ(:SCHEME)%' }}\n",
+                log.display()
+            ),
+        );
+        assert_ne!(cfg, config(up.addr, &p, "", false, Some(&log)));
+        let lg = legate().config(&cfg).start();
+        let mtls = TlsOptions::new(&p.server, "a.example").client_cert(p.ca.client("client"));
+        forwarded(proto, lg.addr("web"), mtls, None).await;
+        let lines = eventually(HANG_GUARD, "the line", || async {
+            let l = access_log_text(&log);
+            (!l.is_empty()).then_some(l)
+        })
+        .await;
+        let fields: Vec<&str> = lines[0].split(' ').collect();
+        assert_eq!(fields[..3], ["a.example", "CN=client", "TLSv1.3"], "{}", lines[0]);
+        assert!(fields[3].starts_with("TLS_"), "{}", lines[0]);
+        assert_eq!(fields[4], "https", "{}", lines[0]);
+    }
+);

@@ -80,6 +80,8 @@ enum Kind {
         dir: Direction,
         first: Field,
         alt: Option<Field>,
+        /// `REQ_WITHOUT_QUERY`: the value up to its `?`.
+        without_query: bool,
     },
     Protocol,
     ResponseCode,
@@ -105,6 +107,8 @@ enum Kind {
     },
     RequestedServerName,
     DownstreamPeerSubject,
+    DownstreamTlsVersion,
+    DownstreamTlsCipher,
     Hostname(Option<String>),
     GrpcStatus {
         style: GrpcStyle,
@@ -276,14 +280,14 @@ fn object(
 }
 
 /// The operators [`parse`] knows, for its error's help.
-const KNOWN: &str = "START_TIME, REQ, RESP, TRAILER, PROTOCOL, RESPONSE_CODE, \
+const KNOWN: &str = "START_TIME, REQ, REQ_WITHOUT_QUERY, RESP, TRAILER, PROTOCOL, RESPONSE_CODE, \
      RESPONSE_CODE_DETAILS, RESPONSE_FLAGS, BYTES_RECEIVED, BYTES_SENT, DURATION, \
      RESPONSE_DURATION, UPSTREAM_HOST, UPSTREAM_CLUSTER, UPSTREAM_TRANSPORT_FAILURE_REASON, \
      UPSTREAM_REQUEST_ATTEMPT_COUNT, ROUTE_NAME, DOWNSTREAM_REMOTE_ADDRESS(_WITHOUT_PORT), \
      DOWNSTREAM_REMOTE_PORT, DOWNSTREAM_DIRECT_REMOTE_ADDRESS(_WITHOUT_PORT), \
      DOWNSTREAM_DIRECT_REMOTE_PORT, DOWNSTREAM_LOCAL_ADDRESS(_WITHOUT_PORT), \
-     DOWNSTREAM_LOCAL_PORT, REQUESTED_SERVER_NAME, DOWNSTREAM_PEER_SUBJECT, HOSTNAME, \
-     GRPC_STATUS, LISTENER_NAME (docs/config.md, `access_log`)";
+     DOWNSTREAM_LOCAL_PORT, REQUESTED_SERVER_NAME, DOWNSTREAM_PEER_SUBJECT, \
+     DOWNSTREAM_TLS_VERSION, DOWNSTREAM_TLS_CIPHER, HOSTNAME, GRPC_STATUS, LISTENER_NAME (docs/config.md, `access_log`)";
 
 type ParseError = (String, String);
 
@@ -373,9 +377,9 @@ fn operator(name: &str, arg: Option<&str>, wants: &mut Wants) -> Result<Kind, Pa
     use Kind as K;
     match name {
         "START_TIME" => Ok(K::StartTime(arg.map(time_format).transpose()?)),
-        "REQ" | "RESP" | "TRAILER" => {
+        "REQ" | "REQ_WITHOUT_QUERY" | "RESP" | "TRAILER" => {
             let dir = match name {
-                "REQ" => Direction::Request,
+                "REQ" | "REQ_WITHOUT_QUERY" => Direction::Request,
                 "RESP" => Direction::Response,
                 _ => Direction::Trailers,
             };
@@ -391,7 +395,12 @@ fn operator(name: &str, arg: Option<&str>, wants: &mut Wants) -> Result<Kind, Pa
             };
             let first = field(dir, first, wants)?;
             let alt = alt.map(|a| field(dir, a, wants)).transpose()?;
-            Ok(K::Header { dir, first, alt })
+            Ok(K::Header {
+                dir,
+                first,
+                alt,
+                without_query: name == "REQ_WITHOUT_QUERY",
+            })
         }
         "PROTOCOL" => no_arg(K::Protocol),
         "RESPONSE_CODE" => no_arg(K::ResponseCode),
@@ -429,6 +438,8 @@ fn operator(name: &str, arg: Option<&str>, wants: &mut Wants) -> Result<Kind, Pa
         "DOWNSTREAM_LOCAL_PORT" => no_arg(K::DownstreamLocalAddress { port: Port::Only }),
         "REQUESTED_SERVER_NAME" => no_arg(K::RequestedServerName),
         "DOWNSTREAM_PEER_SUBJECT" => no_arg(K::DownstreamPeerSubject),
+        "DOWNSTREAM_TLS_VERSION" => no_arg(K::DownstreamTlsVersion),
+        "DOWNSTREAM_TLS_CIPHER" => no_arg(K::DownstreamTlsCipher),
         "HOSTNAME" => no_arg(K::Hostname(hostname())),
         "LISTENER_NAME" => no_arg(K::Listener),
         "GRPC_STATUS" => {
@@ -723,9 +734,27 @@ impl Kind {
                 Some(t) => Value::Text(Cow::Owned(strftime(pieces, t))),
                 None => Value::Absent,
             },
-            Kind::Header { dir, first, alt } => {
-                { header(line, *dir, *first).or_else(|| alt.and_then(|a| header(line, *dir, a))) }
-                    .map_or(Value::Absent, Value::Text)
+            Kind::Header {
+                dir,
+                first,
+                alt,
+                without_query,
+            } => {
+                let v =
+                    header(line, *dir, *first).or_else(|| alt.and_then(|a| header(line, *dir, a)));
+                match v {
+                    None => Value::Absent,
+                    Some(Cow::Borrowed(b)) if *without_query => {
+                        Value::Text(Cow::Borrowed(b.split_once('?').map_or(b, |(p, _)| p)))
+                    }
+                    Some(Cow::Owned(mut o)) if *without_query => {
+                        if let Some(i) = o.find('?') {
+                            o.truncate(i);
+                        }
+                        Value::Text(Cow::Owned(o))
+                    }
+                    Some(t) => Value::Text(t),
+                }
             }
             Kind::Protocol => match line.protocol.as_deref() {
                 Some("HTTP/2.0") => Value::Text(Cow::Borrowed("HTTP/2")),
@@ -761,6 +790,8 @@ impl Kind {
             Kind::DownstreamLocalAddress { port } => address(f.local, *port),
             Kind::RequestedServerName => text(line.requested_server_name),
             Kind::DownstreamPeerSubject => text(line.downstream_peer_subject),
+            Kind::DownstreamTlsVersion => text(f.tls.map(|(v, _)| v)),
+            Kind::DownstreamTlsCipher => text(f.tls.map(|(_, c)| c)),
             Kind::Hostname(h) => text(h.as_deref()),
             Kind::Listener => Value::Text(Cow::Borrowed(line.listener)),
             Kind::GrpcStatus {
@@ -992,6 +1023,7 @@ mod tests {
                 local: Some("127.0.0.2:443".parse().unwrap()),
                 scheme: Some("https"),
                 grpc: false,
+                tls: Some(("TLSv1.3", "TLS_AES_128_GCM_SHA256")),
                 request: req,
                 response: resp,
                 trailers: &[],
@@ -1046,7 +1078,8 @@ mod tests {
                  %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_PORT% %REQ(:SCHEME)% \
                  %REQ(HOST)% %UPSTREAM_CLUSTER% %ROUTE_NAME% %UPSTREAM_REQUEST_ATTEMPT_COUNT% \
                  %RESPONSE_DURATION% %RESPONSE_CODE_DETAILS% %LISTENER_NAME% %RESP(:STATUS)% \
-                 %REQ(USER-AGENT):3% 100%%",
+                 %REQ(USER-AGENT):3% %REQ_WITHOUT_QUERY(:PATH)% %DOWNSTREAM_TLS_VERSION% \
+                 %DOWNSTREAM_TLS_CIPHER% 100%%",
             ),
             None,
         );
@@ -1055,7 +1088,7 @@ mod tests {
         assert_eq!(
             render(&f, &line(&req, &[])),
             "10.0.0.1:5555 10.0.0.1 5555 127.0.0.1:4000 127.0.0.2:443 443 https example.com \
-             backend r1 2 5 via_upstream web 200 cur 100%"
+             backend r1 2 5 via_upstream web 200 cur /a TLSv1.3 TLS_AES_128_GCM_SHA256 100%"
         );
         // Local replies: the cause, and Envoy's flag for it.
         let c = cfg(

@@ -102,6 +102,8 @@ pub struct Facts<'a> {
     pub scheme: Option<&'static str>,
     /// A gRPC request (`%GRPC_STATUS%` has a value only for one).
     pub grpc: bool,
+    /// The downstream TLS session's version and cipher suite (IANA name).
+    pub tls: Option<(&'static str, &'static str)>,
     /// The request, response and trailer fields the format asked for
     /// ([`format::Wants`]), in its order; empty when not captured.
     pub request: &'a [Option<String>],
