@@ -1006,7 +1006,7 @@ impl Exchange {
             r.cluster = match &m.route.action {
                 Action::Cluster(n) => Some(n.to_string()),
                 Action::Weighted(w) => Some(w.pick(rand::rng().random()).to_string()),
-                Action::Redirect(_) | Action::Direct { .. } => None,
+                Action::Redirect(_) | Action::Direct { .. } | Action::Health(_) => None,
             };
         }
         r

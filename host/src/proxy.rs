@@ -63,6 +63,42 @@ use crate::worker::RouteStats;
 /// The access log's cause (and `on-log`'s) for a route's own answer, a
 /// `direct_response` or a `redirect`: Envoy's response code details for both.
 const DIRECT_RESPONSE: &str = "direct_response";
+
+/// A route's `health` answer: the access log's cause.
+const HEALTH_CHECK: &str = "health_check";
+
+/// A route's `health` answer now ([`crate::router::HealthCheck`]).
+fn health_reply(
+    conn: &ConnCtx,
+    snapshot: &crate::server::Snapshot,
+    h: &crate::router::HealthCheck,
+) -> Response<Bytes> {
+    let shared = &conn.worker.shared;
+    let (status, body) = h.answer(
+        shared.is_draining() || shared.is_health_check_failed(),
+        |name| {
+            snapshot.clusters.get(name).map(|c| {
+                let stats = &c.cluster().stats;
+                (
+                    stats
+                        .membership_healthy
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    stats
+                        .membership_total
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+        },
+    );
+    let mut resp = Response::new(Bytes::from_static(body.as_bytes()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // A balancer must not be answered from a cache.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
 /// The access log's cause for a CORS preflight Legate answered.
 const CORS_PREFLIGHT: &str = "cors_preflight";
 
@@ -640,6 +676,19 @@ async fn proxy(
             return Err(routed_error(e, m.as_ref(), http.via.as_deref()));
         }
     }
+    if table.has_health() && matches!(*req.method(), Method::GET | Method::HEAD) {
+        // Before the filters, as Envoy's health check filter comes first: a
+        // balancer's probe carries no credentials for an auth plugin.
+        let input = downstream.input(&req, &authority);
+        if let Some(m) = table.route(&input) {
+            if let Action::Health(h) = &m.route.action {
+                out.route = Some(m.route.id.clone());
+                out.local = Some(HEALTH_CHECK.to_string());
+                let resp = health_reply(conn, &snapshot, h);
+                return route_reply(out, &m, http.via.as_deref(), resp).await;
+            }
+        }
+    }
     if table.has_cors() && req.headers().contains_key(header::ORIGIN) {
         // Before the filters, as Envoy's CORS filter comes first: a preflight
         // needs no credentials, so authentication must not refuse it.
@@ -771,6 +820,12 @@ async fn proxy(
                         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
                 }
                 out.local = Some(DIRECT_RESPONSE.to_string());
+                return route_reply(out, &matched, http.via.as_deref(), resp).await;
+            }
+            Action::Health(h) => {
+                // (A `GET` or `HEAD` was answered before the filters.)
+                out.local = Some(HEALTH_CHECK.to_string());
+                let resp = health_reply(conn, &snapshot, h);
                 return route_reply(out, &matched, http.via.as_deref(), resp).await;
             }
             Action::Redirect(_) => {

@@ -90,6 +90,9 @@ pub struct RouteTable {
     /// Whether a virtual host or route has a `cors` policy: only then is a
     /// request with an `origin` matched before the filters ([`crate::cors`]).
     has_cors: bool,
+    /// Whether a route answers health checks (`health`): only then is a
+    /// `GET` or `HEAD` matched before the filters.
+    has_health: bool,
 }
 
 /// What the router needs to know about a request.
@@ -188,6 +191,53 @@ pub struct Route {
     cors: Option<Arc<crate::cors::Policy>>,
 }
 
+/// A route's `health` answer (Envoy's health check filter, not passing
+/// through): 200 `OK` while Legate serves and every `min_healthy` cluster has
+/// that share of its endpoints healthy; 503 `DRAINING` once it drains or its
+/// health checks are failed on purpose (`POST /healthcheck/fail`), as the
+/// admin API's `/ready`; 503 `UNHEALTHY` when a cluster is short.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// Cluster names and the least healthy share (percent) of each.
+    pub min_healthy: Vec<(Name, f64)>,
+}
+
+impl HealthCheck {
+    /// The answer now: `draining` (a drain, or failed on purpose), and each
+    /// cluster's `(healthy, total)` endpoints as `counts` finds them (`None`
+    /// for a cluster the snapshot lacks, which fails it).
+    pub fn answer(
+        &self,
+        draining: bool,
+        counts: impl Fn(&Name) -> Option<(u64, u64)>,
+    ) -> (StatusCode, &'static str) {
+        if draining {
+            return (StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n");
+        }
+        let short = self
+            .min_healthy
+            .iter()
+            .any(|(name, min)| match counts(name) {
+                // A cluster without endpoints has no healthy share to speak of:
+                // short unless nothing is asked of it.
+                Some((healthy, total)) => {
+                    let share = if total == 0 {
+                        0.0
+                    } else {
+                        healthy as f64 * 100.0 / total as f64
+                    };
+                    share < *min
+                }
+                None => true,
+            });
+        if short {
+            (StatusCode::SERVICE_UNAVAILABLE, "UNHEALTHY\n")
+        } else {
+            (StatusCode::OK, "OK\n")
+        }
+    }
+}
+
 /// What a route does with a request.
 #[derive(Debug)]
 pub enum Action {
@@ -197,6 +247,8 @@ pub enum Action {
     Weighted(WeightedClusters),
     /// Answer with a redirect (see [`Matched::redirect`]).
     Redirect(Redirect),
+    /// Answer a load balancer's health check (see [`HealthCheck`]).
+    Health(HealthCheck),
     /// Answer with this status and body.
     Direct {
         /// Response status.
@@ -215,7 +267,7 @@ impl Action {
         match self {
             Action::Cluster(c) => Some(c),
             Action::Weighted(w) => Some(w.pick(rand)),
-            Action::Redirect(_) | Action::Direct { .. } => None,
+            Action::Redirect(_) | Action::Direct { .. } | Action::Health(_) => None,
         }
     }
 }
@@ -971,17 +1023,28 @@ impl RouteTable {
         let has_cors = vhosts
             .iter()
             .any(|v| v.cors.is_some() || v.routes.iter().any(|r| r.cors.is_some()));
+        let has_health = vhosts.iter().any(|v| {
+            v.routes
+                .iter()
+                .any(|r| matches!(r.action, Action::Health(_)))
+        });
         Ok(RouteTable {
             name: cfg.name.clone(),
             vhosts,
             domains: DomainIndex::build(&cfg.virtual_hosts),
             has_cors,
+            has_health,
         })
     }
 
     /// Whether any route here has a CORS policy.
     pub fn has_cors(&self) -> bool {
         self.has_cors
+    }
+
+    /// Whether a route here answers health checks (`health`).
+    pub fn has_health(&self) -> bool {
+        self.has_health
     }
 
     /// The table's config name.
@@ -1064,11 +1127,21 @@ impl Route {
             &cfg.weighted_clusters,
             &cfg.redirect,
             &cfg.direct_response,
+            &cfg.health,
         ) {
-            (Some(c), None, None, None) => Action::Cluster(c.value.clone()),
-            (None, Some(w), None, None) => Action::Weighted(WeightedClusters::new(&w.value)?),
-            (None, None, Some(r), None) => Action::Redirect(compile_redirect(r, &cfg.matcher)?),
-            (None, None, None, Some(d)) => Action::Direct {
+            (Some(c), None, None, None, None) => Action::Cluster(c.value.clone()),
+            (None, Some(w), None, None, None) => Action::Weighted(WeightedClusters::new(&w.value)?),
+            (None, None, Some(r), None, None) => {
+                Action::Redirect(compile_redirect(r, &cfg.matcher)?)
+            }
+            (None, None, None, None, Some(h)) => Action::Health(HealthCheck {
+                min_healthy: h
+                    .min_healthy
+                    .iter()
+                    .map(|m| (m.cluster.value.clone(), m.percent.0))
+                    .collect(),
+            }),
+            (None, None, None, Some(d), None) => Action::Direct {
                 status: StatusCode::from_u16(d.status.value)
                     .map_err(|_| anyhow!("invalid status {}", d.status.value))?,
                 body: Bytes::from(d.body.clone().unwrap_or_default()),
@@ -1368,6 +1441,27 @@ fn default_port(scheme: &str) -> &'static str {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn a_health_answer_says_draining_then_short_clusters() {
+        let h = HealthCheck {
+            min_healthy: vec![(Name::new("a").unwrap(), 50.0)],
+        };
+        let counts = |healthy, total| move |_: &Name| Some((healthy, total));
+        assert_eq!(h.answer(false, counts(1, 2)), (StatusCode::OK, "OK\n"));
+        assert_eq!(
+            h.answer(false, counts(1, 3)).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // No endpoints: no healthy share.
+        assert_eq!(h.answer(false, counts(0, 0)).1, "UNHEALTHY\n");
+        assert_eq!(h.answer(false, |_: &Name| None).1, "UNHEALTHY\n");
+        assert_eq!(h.answer(true, counts(2, 2)).1, "DRAINING\n");
+        let none = HealthCheck {
+            min_healthy: Vec::new(),
+        };
+        assert_eq!(none.answer(false, |_: &Name| None).0, StatusCode::OK);
+    }
+
     use super::*;
 
     /// Compiles the first route table of a config; clusters `a`, `b`, `c` exist.

@@ -1345,3 +1345,74 @@ async fn back_to_back_hot_restarts_keep_the_first_process_final_counts() {
     }
     drop(p3);
 }
+
+each_proto!(
+    /// A route's `health` answers a load balancer's probe before the
+    /// listener's filters (its auth plugin refuses everything else without a
+    /// token): 200 `OK` while cluster `app` has all its endpoints healthy, 503
+    /// `UNHEALTHY` once its health check fails, 503 `DRAINING` after `POST
+    /// /healthcheck/fail`, as Envoy's health check filter.
+    async fn a_health_route_answers_load_balancers_before_the_filters(proto) {
+        let ok = Arc::new(AtomicBool::new(true));
+        let up = health_checked("app", &ok).await;
+        let cfg = format!(
+            "version: 1
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http:
+      routes: main
+      filters: [{{ plugin: auth }}]
+routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ path: /lb }}
+            health: {{ min_healthy: [{{ cluster: app, percent: 100% }}] }}
+          - match: {{ prefix: / }}
+            cluster: app
+clusters:
+  - name: app
+    endpoints: [{{ address: {} }}]
+    health_check: {{ http: {{ path: /healthz }}, interval: 50ms, unhealthy_threshold: 1, healthy_threshold: 1 }}
+plugins:
+  - name: auth
+    module: builtin:auth
+    config: {}
+",
+            up.addr,
+            auth_config("bGVnYXRlLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbiEh")
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/other").send().await.status, 401);
+        let r = c.get("/lb").send().await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "OK\n"));
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        let r = c.request(Method::HEAD, "/lb").send().await;
+        assert_eq!(r.status, 200);
+        // Not a probe: through the filters.
+        assert_eq!(c.post("/lb").send().await.status, 401);
+
+        ok.store(false, Ordering::SeqCst);
+        lg.assert_stat(r#"legate_cluster_membership_healthy{cluster="app"}"#, 0.0)
+            .await;
+        let r = c.get("/lb").send().await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (503, "UNHEALTHY\n"));
+        ok.store(true, Ordering::SeqCst);
+        lg.assert_stat(r#"legate_cluster_membership_healthy{cluster="app"}"#, 1.0)
+            .await;
+        assert_eq!(c.get("/lb").send().await.status, 200);
+
+        assert_eq!(lg.admin_post("/healthcheck/fail").await.0, 200);
+        // (The connection closes after this answer: a new one per probe.)
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/lb").send().await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (503, "DRAINING\n"));
+        assert_eq!(lg.admin_post("/healthcheck/ok").await.0, 200);
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/lb").send().await.status, 200);
+    }
+);

@@ -1051,6 +1051,10 @@ pub struct Route {
     /// Action: answer with a fixed status and body.
     #[serde(default)]
     pub direct_response: Option<DirectResponse>,
+    /// Action: answer a load balancer's health check (Envoy's health check
+    /// filter): 200 while Legate serves, 503 once it drains or fails them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthAnswer>,
     /// Path and host rewrite before forwarding.
     #[serde(default)]
     pub rewrite: Option<Rewrite>,
@@ -1239,6 +1243,27 @@ pub struct DirectResponse {
     /// Content type of the body. Default `text/plain; charset=utf-8`.
     #[serde(default)]
     pub content_type: Option<String>,
+}
+
+/// A route's `health`: the answer to a load balancer's health check.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthAnswer {
+    /// Clusters that must have at least this share of their endpoints
+    /// healthy for a 200 (Envoy's `cluster_min_healthy_percentages`); empty =
+    /// none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub min_healthy: Vec<MinHealthy>,
+}
+
+/// One `health.min_healthy` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinHealthy {
+    /// The cluster.
+    pub cluster: Spanned<Name>,
+    /// The least share of its endpoints that must be healthy.
+    pub percent: Percent,
 }
 
 /// Request rewrite before forwarding.
@@ -2582,6 +2607,16 @@ clusters:
                 "`routes[].virtual_hosts[].routes[].fault.abort`",
                 route("fault.abort"),
                 fields::<FaultAbort>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].health`",
+                route("health"),
+                fields::<HealthAnswer>(),
+            ),
+            (
+                "`routes[].virtual_hosts[].routes[].health.min_healthy[]`",
+                route("health.min_healthy"),
+                fields::<MinHealthy>(),
             ),
             (
                 "`access_log.filter`",

@@ -1191,11 +1191,12 @@ fn validate_route_table(e: &mut Issues, t: &Spanned<RouteTable>, clusters: &Defi
 const MAX_STREAMS: u32 = (1 << 31) - 1;
 
 /// The action keys of a route, in the order the schema lists them.
-const ACTIONS: [&str; 4] = [
+const ACTIONS: [&str; 5] = [
     "cluster",
     "weighted_clusters",
     "redirect",
     "direct_response",
+    "health",
 ];
 
 /// A plugin on a TCP listener must be a network filter. Native filters and the
@@ -1566,6 +1567,7 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
             r.weighted_clusters.is_some(),
             r.redirect.is_some(),
             r.direct_response.is_some(),
+            r.health.is_some(),
         ])
         .filter_map(|(name, set)| set.then_some(*name))
         .collect();
@@ -1574,7 +1576,7 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
             e.at(
                 loc,
                 "this route has no action",
-                "give it one of `cluster`, `weighted_clusters`, `redirect` or `direct_response`",
+                "give it one of `cluster`, `weighted_clusters`, `redirect`, `direct_response` or `health`",
             );
         }
         [_] => {}
@@ -1592,6 +1594,28 @@ fn validate_route(e: &mut Issues, r: &Spanned<Route>, clusters: &Defined<'_>) {
     }
     if let Some(c) = &r.cluster {
         clusters.check(e, c);
+    }
+    for (i, m) in r
+        .health
+        .iter()
+        .flat_map(|h| h.min_healthy.iter())
+        .enumerate()
+    {
+        clusters.check(e, &m.cluster);
+        if !(0.0..=100.0).contains(&m.percent.0) {
+            e.at(
+                loc,
+                format!(
+                    "`health.min_healthy` percent {} is not between 0% and 100%",
+                    m.percent
+                ),
+                "write the least share of the cluster's endpoints that must be healthy, e.g. `50%`",
+            )
+            .key("health")
+            .key("min_healthy")
+            .index(i)
+            .key("percent");
+        }
     }
     if let Some(w) = &r.weighted_clusters {
         for wc in &w.value {
