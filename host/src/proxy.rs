@@ -907,7 +907,34 @@ async fn proxy(
         if let Some(v) = &http.via {
             proxy_headers::add_via(h, &via_value(parts.version, v));
         }
-        matched.apply_request_headers(h);
+        if matched.request_headers_need_facts() {
+            // Values with operators (`%DOWNSTREAM_REMOTE_ADDRESS%`): what
+            // they read, gathered only for the routes that have them.
+            let path = path_of(&parts.uri);
+            let facts = crate::router::RequestFacts {
+                listener: listener.name.as_str(),
+                route: Some(&matched.route.name),
+                method: parts.method.as_str(),
+                path: &path,
+                authority: &authority,
+                protocol: format!("{:?}", parts.version),
+                client: match out.client {
+                    Some(ip) => SocketAddr::new(ip, 0).to_string(),
+                    None => conn.peer.to_string(),
+                },
+                peer: out.client.map(|_| conn.peer.to_string()),
+                start: SystemTime::now(),
+                local: conn.original_dst.unwrap_or(conn.local),
+                scheme: scheme_of(conn),
+                tls: tls_of(conn),
+                sni: sni_of(conn),
+                peer_subject: peer_subject_of(conn),
+                request_id: out.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            };
+            matched.apply_request_headers(h, Some(&facts));
+        } else {
+            matched.apply_request_headers(h, None);
+        }
         if let Some(token) = upgrade_token {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, token);

@@ -958,25 +958,58 @@ enum PathRewrite {
 #[derive(Debug, Default)]
 struct HeaderOps {
     remove: Box<[HeaderName]>,
-    set: Box<[(HeaderName, HeaderValue)]>,
-    add: Box<[(HeaderName, HeaderValue)]>,
+    set: Box<[(HeaderName, OpValue)]>,
+    add: Box<[(HeaderName, OpValue)]>,
+    /// A value has operators: the request's facts are needed to apply them.
+    dynamic: bool,
 }
 
+/// A header operation's value.
+#[derive(Debug)]
+enum OpValue {
+    Static(HeaderValue),
+    /// Request headers only: operators rendered per request.
+    Dynamic(Box<crate::access_log::format::HeaderTemplate>),
+}
+
+/// The request facts header operators read ([`Matched::apply_request_headers`]).
+pub use crate::access_log::format::RequestFacts;
+
 impl HeaderOps {
-    fn new(ops: &config::HeaderOps) -> anyhow::Result<Self> {
+    /// `request`: values may have operators (`%...%`); response values are
+    /// literal.
+    fn new(ops: &config::HeaderOps, request: bool) -> anyhow::Result<Self> {
+        use crate::access_log::format::{header_value, HeaderValueSpec};
         let name = |k: &str| {
             HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| anyhow!("`{k}` is not a valid header name"))
         };
+        let literal = |k: &str, v: &str| {
+            HeaderValue::from_str(v)
+                .map(OpValue::Static)
+                .map_err(|_| anyhow!("value of `{k}` is not a valid header value"))
+        };
         let pairs = |m: &BTreeMap<String, String>| {
             m.iter()
                 .map(|(k, v)| {
-                    let value = HeaderValue::from_str(v)
-                        .map_err(|_| anyhow!("value of `{k}` is not a valid header value"))?;
+                    let value = if request {
+                        match header_value(v).map_err(|(msg, _)| anyhow!("`{k}`: {msg}"))? {
+                            HeaderValueSpec::Literal(l) => literal(k, &l)?,
+                            HeaderValueSpec::Template(t) => OpValue::Dynamic(Box::new(t)),
+                        }
+                    } else {
+                        literal(k, v)?
+                    };
                     Ok((name(k)?, value))
                 })
                 .collect::<anyhow::Result<Box<[_]>>>()
         };
+        let set = pairs(&ops.set.value)?;
+        let add = pairs(&ops.add.value)?;
+        let dynamic = set
+            .iter()
+            .chain(add.iter())
+            .any(|(_, v)| matches!(v, OpValue::Dynamic(_)));
         Ok(HeaderOps {
             remove: ops
                 .remove
@@ -984,22 +1017,39 @@ impl HeaderOps {
                 .iter()
                 .map(|k| name(k))
                 .collect::<anyhow::Result<_>>()?,
-            set: pairs(&ops.set.value)?,
-            add: pairs(&ops.add.value)?,
+            set,
+            add,
+            dynamic,
         })
     }
 
-    fn apply(&self, h: &mut HeaderMap) {
+    /// Applies the operations; a value with operators needs `facts` (without
+    /// them, or when it comes out empty, it adds nothing).
+    fn apply(&self, h: &mut HeaderMap, facts: Option<&RequestFacts<'_>>) {
         for n in self.remove.iter() {
             h.remove(n);
         }
+        let value = |v: &OpValue, h: &HeaderMap| match v {
+            OpValue::Static(v) => Some(v.clone()),
+            OpValue::Dynamic(t) => facts.and_then(|f| t.render(f, h)),
+        };
         // `try_*` fail only past 32768 entries, far beyond any listener's header
         // limit; ignoring the failure beats panicking a worker.
         for (n, v) in self.set.iter() {
-            let _ = h.try_insert(n, v.clone());
+            match value(v, h) {
+                Some(v) => {
+                    let _ = h.try_insert(n, v);
+                }
+                // Envoy's: an empty value adds nothing; `set` still replaces.
+                None => {
+                    h.remove(n);
+                }
+            }
         }
         for (n, v) in self.add.iter() {
-            let _ = h.try_append(n, v.clone());
+            if let Some(v) = value(v, h) {
+                let _ = h.try_append(n, v);
+            }
         }
     }
 }
@@ -1096,8 +1146,10 @@ impl VirtualHost {
         Ok(VirtualHost {
             name: cfg.name.clone(),
             routes,
-            request_headers: HeaderOps::new(&cfg.request_headers).context("request_headers")?,
-            response_headers: HeaderOps::new(&cfg.response_headers).context("response_headers")?,
+            request_headers: HeaderOps::new(&cfg.request_headers, true)
+                .context("request_headers")?,
+            response_headers: HeaderOps::new(&cfg.response_headers, false)
+                .context("response_headers")?,
             cors: cfg
                 .cors
                 .as_ref()
@@ -1210,8 +1262,10 @@ impl Route {
             matcher,
             path_rewrite,
             host_rewrite,
-            request_headers: HeaderOps::new(&cfg.request_headers).context("request_headers")?,
-            response_headers: HeaderOps::new(&cfg.response_headers).context("response_headers")?,
+            request_headers: HeaderOps::new(&cfg.request_headers, true)
+                .context("request_headers")?,
+            response_headers: HeaderOps::new(&cfg.response_headers, false)
+                .context("response_headers")?,
             cors: cfg
                 .cors
                 .as_ref()
@@ -1418,15 +1472,21 @@ impl Matched<'_> {
 
     /// Request header operations: the route's, then the virtual host's; within one
     /// set remove, set, add.
-    pub fn apply_request_headers(&self, h: &mut HeaderMap) {
-        self.route.request_headers.apply(h);
-        self.vhost.request_headers.apply(h);
+    pub fn apply_request_headers(&self, h: &mut HeaderMap, facts: Option<&RequestFacts<'_>>) {
+        self.route.request_headers.apply(h, facts);
+        self.vhost.request_headers.apply(h, facts);
+    }
+
+    /// Whether the request header operations have operators to render (then
+    /// [`Matched::apply_request_headers`] needs the request's facts).
+    pub fn request_headers_need_facts(&self) -> bool {
+        self.route.request_headers.dynamic || self.vhost.request_headers.dynamic
     }
 
     /// Response header operations: the route's, then the virtual host's.
     pub fn apply_response_headers(&self, h: &mut HeaderMap) {
-        self.route.response_headers.apply(h);
-        self.vhost.response_headers.apply(h);
+        self.route.response_headers.apply(h, None);
+        self.vhost.response_headers.apply(h, None);
     }
 }
 
@@ -2260,7 +2320,7 @@ mod tests {
         h.append("x-secret", HeaderValue::from_static("client"));
         h.append("x-trace", HeaderValue::from_static("client"));
         h.append("x-layer", HeaderValue::from_static("client"));
-        m.apply_request_headers(&mut h);
+        m.apply_request_headers(&mut h, None);
         // Within the route: remove, then set, so the route's own `set` survives.
         let all = |h: &HeaderMap, k: &str| -> Vec<String> {
             h.get_all(k)

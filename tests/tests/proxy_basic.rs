@@ -717,6 +717,49 @@ each_proto!(
     }
 );
 
+each_proto!(
+    /// Request header values with Envoy's operators (nginx's
+    /// `proxy_set_header X-Real-IP $remote_addr`): the client's address, the
+    /// route, a request header, the scheme; one whose operators have no value
+    /// adds nothing (and a `set` of it still removes the client's); `%%` is
+    /// a literal `%`. Response values stay literal.
+    async fn request_header_values_with_operators(proto) {
+        let up = upstream().start().await;
+        let cfg = web_config(
+            "          - name: api
+            match: { prefix: / }
+            cluster: backend
+            request_headers:
+              set:
+                x-real-ip: \"%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\"
+                x-via-route: \"%ROUTE_NAME% for %REQ(USER-AGENT)% on %REQ(:SCHEME)%\"
+                x-empty: \"%REQ(X-NOPE)%\"
+                x-share: \"100%%\"
+            response_headers:
+              set:
+                x-literal: \"50%\"
+",
+            &format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr),
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c
+            .get("/")
+            .header("user-agent", "curl/8")
+            .header("x-real-ip", "6.6.6.6")
+            .header("x-empty", "from-client")
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        let e = r.echo();
+        assert_eq!(e.header_all("x-real-ip"), vec!["127.0.0.1"]);
+        assert_eq!(e.header_all("x-via-route"), vec!["api for curl/8 on http"]);
+        assert_eq!(e.header_all("x-empty"), Vec::<&str>::new());
+        assert_eq!(e.header_all("x-share"), vec!["100%"]);
+        assert_eq!(r.header("x-literal"), Some("50%"));
+    }
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_waits_for_the_go_ahead() {
     let up = upstream().start().await;

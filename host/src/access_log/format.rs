@@ -610,6 +610,172 @@ fn hostname() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// A request header operation's value with operators (`x-real-ip:
+/// "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"`, Envoy's header value
+/// formatters, nginx's `proxy_set_header X-Real-IP $remote_addr`), rendered
+/// per request by [`HeaderTemplate::render`].
+#[derive(Debug)]
+pub struct HeaderTemplate {
+    template: Template,
+    /// The request fields its `%REQ(...)%`s read.
+    request: Vec<HeaderName>,
+}
+
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Template({} pieces)", self.0.len())
+    }
+}
+
+/// What a request header value may say: the request and its connection, not
+/// what only its answer will tell.
+fn known_at_request(k: &Kind) -> bool {
+    match k {
+        Kind::Header { dir, .. } => *dir == Direction::Request,
+        Kind::StartTime(_)
+        | Kind::Protocol
+        | Kind::RouteName
+        | Kind::DownstreamRemoteAddress { .. }
+        | Kind::DownstreamDirectRemoteAddress { .. }
+        | Kind::DownstreamLocalAddress { .. }
+        | Kind::RequestedServerName
+        | Kind::DownstreamPeerSubject
+        | Kind::DownstreamTlsVersion
+        | Kind::DownstreamTlsCipher
+        | Kind::Hostname(_)
+        | Kind::Listener => true,
+        _ => false,
+    }
+}
+
+/// A header value as config wrote it: literal text (`%%` for a `%`), or a
+/// template of the operators a request has.
+pub enum HeaderValueSpec {
+    Literal(String),
+    Template(HeaderTemplate),
+}
+
+/// Parses a request header operation's value.
+///
+/// # Errors
+/// A bad operator, or one whose value is not known before the request goes
+/// upstream (a response's).
+pub fn header_value(v: &str) -> Result<HeaderValueSpec, (String, String)> {
+    if !v.contains('%') {
+        return Ok(HeaderValueSpec::Literal(v.to_string()));
+    }
+    let mut wants = Wants::default();
+    let template = template(v, &mut wants)?;
+    let late = template
+        .0
+        .iter()
+        .any(|p| matches!(p, Piece::Op(op) if !known_at_request(&op.kind)));
+    if late {
+        return Err((
+            format!("`{v}` reads what only the response tells"),
+            "a request header can say the request and its connection: %REQ(...)%, the \
+             DOWNSTREAM_* addresses, TLS and certificate operators, %REQUESTED_SERVER_NAME%, \
+             %START_TIME%, %PROTOCOL%, %ROUTE_NAME%, %LISTENER_NAME%, %HOSTNAME%"
+                .into(),
+        ));
+    }
+    if template.0.iter().all(|p| matches!(p, Piece::Lit(_))) {
+        let mut lit = String::new();
+        for p in &template.0 {
+            if let Piece::Lit(l) = p {
+                lit.push_str(l);
+            }
+        }
+        return Ok(HeaderValueSpec::Literal(lit));
+    }
+    Ok(HeaderValueSpec::Template(HeaderTemplate {
+        template,
+        request: wants.request,
+    }))
+}
+
+/// The request facts a [`HeaderTemplate`] reads.
+pub struct RequestFacts<'a> {
+    pub listener: &'a str,
+    pub route: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    /// `HTTP/1.1`, `HTTP/2.0` (as the access log's line has it).
+    pub protocol: String,
+    /// The client (`ip:port`; the trusted proxies' client, port 0).
+    pub client: String,
+    /// The connection's peer when `client` is a reported one.
+    pub peer: Option<String>,
+    pub start: SystemTime,
+    pub local: SocketAddr,
+    pub scheme: &'static str,
+    pub tls: Option<(&'static str, &'static str)>,
+    pub sni: Option<&'a str>,
+    pub peer_subject: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+}
+
+impl HeaderTemplate {
+    /// The value for this request, its `%REQ(...)%`s read from `headers` (the
+    /// request as it goes upstream); `None` when it comes out empty (Envoy
+    /// adds no header then) or is no valid header value.
+    pub fn render(
+        &self,
+        facts: &RequestFacts<'_>,
+        headers: &HeaderMap,
+    ) -> Option<http::HeaderValue> {
+        let captured = capture(&self.request, headers);
+        let line = Line {
+            attempts: 0,
+            authority: Some(facts.authority),
+            bytes_received: 0,
+            bytes_sent: 0,
+            cause: None,
+            client: facts.client.clone(),
+            cluster: None,
+            downstream_peer_subject: facts.peer_subject,
+            duration_ms: 0.0,
+            listener: facts.listener,
+            method: Some(facts.method),
+            path: Some(facts.path),
+            peer: facts.peer.clone(),
+            protocol: Some(facts.protocol.clone()),
+            referer: None,
+            request_id: facts.request_id,
+            requested_server_name: facts.sni,
+            response_duration_ms: None,
+            route: facts.route,
+            route_table: None,
+            start_time: super::timestamp(facts.start),
+            status: 0,
+            time: String::new(),
+            upstream: None,
+            upstream_transport_failure_reason: None,
+            user_agent: None,
+            virtual_host: None,
+            x_forwarded_for: None,
+            facts: super::Facts {
+                start: Some(facts.start),
+                local: Some(facts.local),
+                scheme: Some(facts.scheme),
+                grpc: false,
+                tls: facts.tls,
+                request: &captured,
+                response: &[],
+                trailers: &[],
+            },
+        };
+        let mut s = String::new();
+        // An operator without a value adds nothing (Envoy's header formatter).
+        self.template.text_with(&line, "", &mut s);
+        if s.is_empty() {
+            return None;
+        }
+        http::HeaderValue::from_str(&s).ok()
+    }
+}
+
 /// An operator's value on one line.
 enum Value<'a> {
     Absent,
@@ -642,11 +808,16 @@ impl Format {
 impl Template {
     /// The template as text: an operator without a value is `-` (Envoy's).
     fn text(&self, line: &Line<'_>, s: &mut String) {
+        self.text_with(line, "-", s);
+    }
+
+    /// The template as text, `absent` for an operator without a value.
+    fn text_with(&self, line: &Line<'_>, absent: &str, s: &mut String) {
         for p in &self.0 {
             match p {
                 Piece::Lit(l) => s.push_str(l),
                 Piece::Op(op) => match op.value(line) {
-                    Value::Absent => s.push('-'),
+                    Value::Absent => s.push_str(absent),
                     Value::Text(t) => s.push_str(&t),
                     Value::Number(n) => {
                         let _ = write!(s, "{n}");
@@ -1159,6 +1330,45 @@ mod tests {
         // A code gRPC does not define: its digits.
         let odd = [Some("17".to_string())];
         assert_eq!(status(&odd, &[], true, 200), "17 17 17");
+    }
+
+    #[test]
+    fn request_header_values_take_request_operators() {
+        assert!(matches!(header_value("plain"), Ok(HeaderValueSpec::Literal(l)) if l == "plain"));
+        assert!(matches!(header_value("100%%"), Ok(HeaderValueSpec::Literal(l)) if l == "100%"));
+        let late = header_value("%RESPONSE_CODE%").err().unwrap();
+        assert!(late.0.contains("only the response tells"), "{}", late.0);
+        assert!(header_value("50%").is_err());
+        let Ok(HeaderValueSpec::Template(tpl)) =
+            header_value("%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% via %REQ(X-A)%%REQ(X-NOPE)%")
+        else {
+            panic!("a template");
+        };
+        let facts = RequestFacts {
+            listener: "web",
+            route: Some("r"),
+            method: "GET",
+            path: "/p?q",
+            authority: "a.example",
+            protocol: "HTTP/1.1".into(),
+            client: "10.0.0.9:1234".into(),
+            peer: None,
+            start: t(),
+            local: "127.0.0.1:80".parse().unwrap(),
+            scheme: "http",
+            tls: None,
+            sni: None,
+            peer_subject: None,
+            request_id: None,
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-a", "b".parse().unwrap());
+        // An operator without a value adds nothing to the text.
+        assert_eq!(tpl.render(&facts, &h).unwrap(), "10.0.0.9 via b");
+        let Ok(HeaderValueSpec::Template(empty)) = header_value("%REQ(X-NOPE)%") else {
+            panic!("a template");
+        };
+        assert_eq!(empty.render(&facts, &h), None);
     }
 
     #[test]

@@ -3355,6 +3355,11 @@ fn header_ops(e: &mut Issues, ops: &HeaderOps, owner: &Location, key: &str) {
                     format!("the value of `{k}` is not a valid header value"),
                     "use printable ASCII without line breaks",
                 );
+            } else if key == "request_headers" {
+                // Request values may have operators (`%DOWNSTREAM_REMOTE_ADDRESS%`).
+                if let Err((msg, help)) = crate::access_log::format::header_value(v) {
+                    at(e, format!("the value of `{k}`: {msg}"), &help);
+                }
             }
         }
     }
