@@ -70,8 +70,8 @@ pub fn accepted(headers: &HeaderMap, brotli: bool) -> Option<Coding> {
             let q = parts
                 .filter_map(|p| p.trim().split_once('='))
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
-                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())
-                .unwrap_or(0.0);
+                .map_or(Some(1000), |(_, v)| qvalue(v.trim()))
+                .unwrap_or(0);
             let slot =
                 if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
                     &mut gzip
@@ -86,18 +86,34 @@ pub fn accepted(headers: &HeaderMap, brotli: bool) -> Option<Coding> {
             slot.get_or_insert(q);
         }
     }
-    let gzip = gzip.or(star).unwrap_or(0.0);
-    let br = if brotli {
-        br.or(star).unwrap_or(0.0)
-    } else {
-        0.0
-    };
-    if br > 0.0 && br >= gzip {
+    let gzip = gzip.or(star).unwrap_or(0);
+    let br = if brotli { br.or(star).unwrap_or(0) } else { 0 };
+    if br > 0 && br >= gzip {
         Some(Coding::Brotli)
-    } else if gzip > 0.0 {
+    } else if gzip > 0 {
         Some(Coding::Gzip)
     } else {
         None
+    }
+}
+
+/// An RFC 9110 §12.4.2 `qvalue` in thousandths: `0` to `1`, at most three
+/// decimals (`0.5`, `1.000`); `None` for anything else (`nan`, `2`, `1e3`),
+/// which accepts nothing.
+fn qvalue(v: &str) -> Option<u16> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths = frac
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(3)
+        .fold(0u16, |n, b| n * 10 + u16::from(b - b'0'));
+    match int {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(1000),
+        _ => None,
     }
 }
 
@@ -158,6 +174,11 @@ pub fn apply(
     if !compressible(cfg, head, resp) {
         return;
     }
+    // The coding the encoder is built for (brotli only where it is offered).
+    let accepts = accepts.map(|c| match (c, &cfg.brotli) {
+        (Coding::Brotli, None) => Coding::Gzip,
+        (c, _) => c,
+    });
     let h = resp.headers_mut();
     // Whether or not it is compressed here, the answer depends on the
     // request's accept-encoding: caches must key on it.
@@ -220,7 +241,8 @@ pub fn apply(
     });
 }
 
-/// The brotli encoder's input buffer (what it compresses in one go).
+/// The brotli encoder's output staging buffer (what it hands to the `Vec` at
+/// a time).
 const BROTLI_BUFFER: usize = 4096;
 
 /// A compressed stream's encoder, writing into a `Vec` taken after each chunk.
@@ -396,6 +418,13 @@ mod tests {
         assert_eq!(b("*"), Some(Coding::Brotli));
         assert_eq!(b("*, br;q=0"), Some(Coding::Gzip));
         assert_eq!(b("br;q=0, gzip;q=0"), None);
+        // Only RFC 9110 qvalues weigh: anything else accepts nothing.
+        assert_eq!(b("gzip;q=nan, br"), Some(Coding::Brotli));
+        assert_eq!(b("gzip;q=2, br;q=0.9"), Some(Coding::Brotli));
+        assert_eq!(b("gzip;q=0.001, br;q=0"), Some(Coding::Gzip));
+        assert_eq!(b("gzip;q=1.000"), Some(Coding::Gzip));
+        assert_eq!(b("gzip;q=0.0001"), None);
+        assert_eq!(b("br;q=1.5"), None);
         // Not offered: gzip or nothing.
         assert_eq!(accept("br", false), None);
         assert_eq!(accept("gzip, br", false), Some(Coding::Gzip));
@@ -413,6 +442,13 @@ mod tests {
     }
 
     const TEXT: &str = "hello hello hello hello hello hello hello hello hello hello";
+
+    #[test]
+    fn brotli_asked_where_it_is_not_offered_is_gzip() {
+        let mut r = response(&[("content-type", "text/html")], TEXT);
+        apply(&cfg(), &stats(), &Method::GET, Some(Coding::Brotli), &mut r);
+        assert_eq!(r.headers()["content-encoding"], "gzip");
+    }
 
     #[tokio::test]
     async fn a_brotli_body_decodes_to_the_original() {

@@ -76,6 +76,7 @@ fn health_reply(
     let shared = &conn.worker.shared;
     let (status, body) = h.answer(
         shared.is_draining() || shared.is_health_check_failed(),
+        snapshot.warming().next().is_some(),
         |name| {
             snapshot.clusters.get(name).map(|c| {
                 let stats = &c.cluster().stats;
@@ -683,6 +684,9 @@ async fn proxy(
         if let Some(m) = table.route(&input) {
             if let Action::Health(h) = &m.route.action {
                 out.route = Some(m.route.id.clone());
+                out.uncompressed = !m.route.compression;
+                out.cors_route = m.cors().is_some();
+                out.cors = m.cors().and_then(|p| p.check(&req));
                 out.local = Some(HEALTH_CHECK.to_string());
                 let resp = health_reply(conn, &snapshot, h);
                 return route_reply(out, &m, http.via.as_deref(), resp).await;

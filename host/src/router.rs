@@ -203,16 +203,21 @@ pub struct HealthCheck {
 }
 
 impl HealthCheck {
-    /// The answer now: `draining` (a drain, or failed on purpose), and each
-    /// cluster's `(healthy, total)` endpoints as `counts` finds them (`None`
-    /// for a cluster the snapshot lacks, which fails it).
+    /// The answer now: `draining` (a drain, or failed on purpose), `warming`
+    /// (a `dns` cluster waits for its first answer, as `/ready` says), and
+    /// each cluster's `(healthy, total)` endpoints as `counts` finds them
+    /// (`None` for a cluster the snapshot lacks, which fails it).
     pub fn answer(
         &self,
         draining: bool,
+        warming: bool,
         counts: impl Fn(&Name) -> Option<(u64, u64)>,
     ) -> (StatusCode, &'static str) {
         if draining {
             return (StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n");
+        }
+        if warming {
+            return (StatusCode::SERVICE_UNAVAILABLE, "WARMING\n");
         }
         let short = self
             .min_healthy
@@ -1507,19 +1512,23 @@ mod tests {
             min_healthy: vec![(Name::new("a").unwrap(), 50.0)],
         };
         let counts = |healthy, total| move |_: &Name| Some((healthy, total));
-        assert_eq!(h.answer(false, counts(1, 2)), (StatusCode::OK, "OK\n"));
         assert_eq!(
-            h.answer(false, counts(1, 3)).0,
+            h.answer(false, false, counts(1, 2)),
+            (StatusCode::OK, "OK\n")
+        );
+        assert_eq!(
+            h.answer(false, false, counts(1, 3)).0,
             StatusCode::SERVICE_UNAVAILABLE
         );
         // No endpoints: no healthy share.
-        assert_eq!(h.answer(false, counts(0, 0)).1, "UNHEALTHY\n");
-        assert_eq!(h.answer(false, |_: &Name| None).1, "UNHEALTHY\n");
-        assert_eq!(h.answer(true, counts(2, 2)).1, "DRAINING\n");
+        assert_eq!(h.answer(false, false, counts(0, 0)).1, "UNHEALTHY\n");
+        assert_eq!(h.answer(false, false, |_: &Name| None).1, "UNHEALTHY\n");
+        assert_eq!(h.answer(true, false, counts(2, 2)).1, "DRAINING\n");
+        assert_eq!(h.answer(false, true, counts(2, 2)).1, "WARMING\n");
         let none = HealthCheck {
             min_healthy: Vec::new(),
         };
-        assert_eq!(none.answer(false, |_: &Name| None).0, StatusCode::OK);
+        assert_eq!(none.answer(false, false, |_: &Name| None).0, StatusCode::OK);
     }
 
     use super::*;

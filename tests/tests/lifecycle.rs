@@ -1393,6 +1393,9 @@ plugins:
         assert_eq!(r.header("cache-control"), Some("no-store"));
         let r = c.request(Method::HEAD, "/lb").send().await;
         assert_eq!(r.status, 200);
+        // The head a GET gets, no body.
+        assert_eq!(r.header("content-length"), Some("3"));
+        assert!(r.body.is_empty());
         // Not a probe: through the filters.
         assert_eq!(c.post("/lb").send().await.status, 401);
 

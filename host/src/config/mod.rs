@@ -618,11 +618,11 @@ pub struct Compression {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Brotli {
-    /// 0 (fastest) to 11 (smallest). Default 3, Envoy's: near gzip's CPU cost,
-    /// smaller output; 10 and 11 are for compressing in advance, not per request.
+    /// 0 (fastest) to 6. Default 3, Envoy's: near gzip's CPU cost, smaller
+    /// output. 7 and above hold 8MiB to 128MiB per response: refused.
     #[serde(default = "defaults::brotli_quality")]
     pub quality: u32,
-    /// log2 of the window, 10 to 24. Default 18 (256KiB, Envoy's): the memory a
+    /// log2 of the window, 10 to 22. Default 18 (256KiB, Envoy's): the memory a
     /// stream's encoder holds grows with it.
     #[serde(default = "defaults::brotli_window_bits")]
     pub window_bits: u32,

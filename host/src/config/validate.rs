@@ -839,29 +839,31 @@ fn validate_listener(
                     .key("level");
                 }
                 if let Some(b) = &c.brotli {
-                    if b.quality > 11 {
+                    if b.quality > 6 {
                         e.at(
                             loc,
                             format!(
-                                "listener `{}`: `compression.brotli.quality` {} is not from 0 to 11",
+                                "listener `{}`: `compression.brotli.quality` {} is not from 0 to 6",
                                 l.name, b.quality
                             ),
-                            "0 is the fastest, 11 the smallest; 3 (the default) costs about \
-                             what gzip does",
+                            "each response compressed at 7 and above holds a hash table of \
+                             8MiB to 128MiB; 3 (the default) costs about what gzip does, 5 \
+                             or 6 compress more",
                         )
                         .key("http")
                         .key("compression")
                         .key("brotli")
                         .key("quality");
                     }
-                    if !(10..=24).contains(&b.window_bits) {
+                    if !(10..=22).contains(&b.window_bits) {
                         e.at(
                             loc,
                             format!(
-                                "listener `{}`: `compression.brotli.window_bits` {} is not from 10 to 24",
+                                "listener `{}`: `compression.brotli.window_bits` {} is not from 10 to 22",
                                 l.name, b.window_bits
                             ),
-                            "the window is 2^window_bits bytes; 18 (the default) is 256KiB",
+                            "each response's encoder holds a window of 2^window_bits bytes; 18 \
+                             (the default) is 256KiB, 22 is 4MiB",
                         )
                         .key("http")
                         .key("compression")
