@@ -308,6 +308,18 @@ pub async fn handle(
     {
         resp.extensions_mut().insert(filter::StreamReset);
     }
+    if let Some(id) = out.request_id.as_ref().filter(|_| {
+        conn.listener
+            .cfg
+            .http
+            .as_ref()
+            .is_some_and(|h| h.request_id_in_response)
+    }) {
+        // Every answer, the upstream's and Legate's own, after the filters:
+        // the id the logs and the upstream saw.
+        resp.headers_mut()
+            .insert(proxy_headers::X_REQUEST_ID, id.clone());
+    }
     if out.debug.on {
         // Here, after the response filters, so that every answer (upstream, local,
         // error) gets them the same way and no filter changes them.

@@ -1239,3 +1239,30 @@ async fn underscored_request_trailers_are_dropped_or_rejected() {
         }
     }
 }
+
+each_proto!(
+    /// `request_id_in_response`: every answer carries the `x-request-id` the
+    /// request was handled with (the upstream's, and Legate's own 404); off
+    /// by default.
+    async fn the_request_id_goes_back_in_the_response(proto) {
+        let up = upstream().start().await;
+        let routes = "          - match: { prefix: /ok }\n            cluster: backend\n";
+        let clusters = format!("  - name: backend\n    endpoints:\n      - address: {}\n", up.addr);
+        let on = web_config(routes, &clusters).replacen(
+            "      routes: main\n",
+            "      routes: main\n      request_id_in_response: true\n",
+            1,
+        );
+        let lg = legate().config(&on).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/ok").send().await;
+        let sent = r.echo().header("x-request-id").unwrap().to_string();
+        assert_eq!(r.header("x-request-id"), Some(sent.as_str()));
+        let r = c.get("/nowhere").send().await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.header("x-request-id").map(str::len), Some(36));
+        let lg = legate().config(&web_config(routes, &clusters)).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/ok").send().await.header("x-request-id"), None);
+    }
+);

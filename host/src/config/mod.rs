@@ -540,6 +540,11 @@ pub struct HttpListener {
     /// Default true: request ids cost little and make logs joinable.
     #[serde(default = "defaults::yes")]
     pub generate_request_id: bool,
+    /// Send the request's `x-request-id` back on every response (Envoy's
+    /// `always_set_request_id_in_response`). Default false, as Envoy: the id
+    /// tells a client nothing unless it reports it.
+    #[serde(default)]
+    pub request_id_in_response: bool,
     /// Add `via: <value>` to requests and responses; absent = no `via` header.
     #[serde(default)]
     pub via: Option<String>,
