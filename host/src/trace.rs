@@ -262,7 +262,7 @@ pub fn begin(
         Some((t, s)) => (t, Some(s)),
         None => (
             TraceId {
-                id: u128::from(new_id()) << 64 | u128::from(new_id()),
+                id: (u128::from(new_id()) << 64) | u128::from(new_id()),
                 wide: true,
             },
             None,
@@ -499,11 +499,17 @@ impl Tracer {
 /// config in force (a reload may add, change or remove `tracing`).
 pub async fn report(worker: std::rc::Rc<crate::worker::Worker>) {
     let tracer = &worker.shared.tracer;
+    let mut published = worker.shared.published.subscribe();
     loop {
+        // Seen before the load: a config published from here on wakes us.
+        published.borrow_and_update();
         let interval = {
             let snapshot = worker.shared.snapshot.load();
             match &snapshot.config.tracing {
                 Some(t) => {
+                    // Registered with the config, so the series read 0 from
+                    // the start rather than appear with the first span.
+                    tracer.counters();
                     let limit = usize::try_from(t.max_buffered_spans).unwrap_or(usize::MAX);
                     tracer.limit.store(limit, Ordering::Relaxed);
                     Some(t.flush_interval.get())
@@ -518,7 +524,12 @@ pub async fn report(worker: std::rc::Rc<crate::worker::Worker>) {
             if gone > 0 {
                 tracer.counters().dropped.add(gone as u64);
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // A reload that adds `tracing` is followed at once; the timer
+            // drops what requests of the old config still finish.
+            tokio::select! {
+                r = published.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
             continue;
         };
         tokio::select! {
@@ -567,7 +578,15 @@ async fn send(worker: &std::rc::Rc<crate::worker::Worker>, tracer: &Tracer, batc
     let failure = match sender.send(req).await {
         Ok(r) if r.status.is_success() => None,
         Ok(r) => Some(format!("answered {}", r.status.as_u16())),
-        Err(e) => Some(format!("{e:?}").to_lowercase()),
+        Err(crate::filter::CalloutError::Timeout) => {
+            Some(format!("no answer in {REPORT_TIMEOUT:?}"))
+        }
+        Err(crate::filter::CalloutError::Unavailable) => {
+            Some("no endpoint, or it refused or reset the connection".to_string())
+        }
+        Err(crate::filter::CalloutError::LimitExceeded) => {
+            Some(format!("an answer over {MAX_ANSWER} bytes"))
+        }
     };
     let c = tracer.counters();
     match failure {

@@ -292,3 +292,75 @@ each_proto!(
         lg.assert_stat(REPORTED, 0.0).await;
     }
 );
+
+each_proto!(
+    async fn a_client_gone_before_the_response_makes_a_499_span(proto) {
+        // The span is finished where the access-log line is written, so the
+        // request the client abandons has one too, as its line does.
+        let app = upstream()
+            .name("app")
+            .delay(std::time::Duration::from_secs(30))
+            .start()
+            .await;
+        let posts = Posts::default();
+        let zipkin = collector(&posts).await;
+        let lg = legate()
+            .config(&config(app.addr, zipkin.addr, "100%"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let req = tokio::spawn(async move { c.get("/gone").try_send().await });
+        eventually(HANG_GUARD, "the request upstream", || async {
+            (app.in_flight.get() == 1).then_some(())
+        })
+        .await;
+        req.abort();
+        let got = wait_spans(&posts, 1).await;
+        let tags = &got[0]["tags"];
+        assert_eq!(tags["http.status_code"], "499", "{tags:#}");
+        assert_eq!(tags["legate.cause"], "downstream_disconnect", "{tags:#}");
+        assert_eq!(tags["error"], "true", "{tags:#}");
+        assert_eq!(tags["upstream_cluster"], "app", "{tags:#}");
+        assert_eq!(got[0]["name"], "api");
+    }
+);
+
+each_proto!(
+    async fn tracing_follows_a_reload(proto) {
+        let app = upstream().name("app").start().await;
+        let posts = Posts::default();
+        let zipkin = collector(&posts).await;
+        let traced = config(app.addr, zipkin.addr, "100%");
+        let untraced = traced.split("tracing:").next().unwrap().to_string();
+        let lg = legate().config(&untraced).from_file().start();
+        let clients = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+        let sent_upstream = |lg_addr| {
+            let clients = clients.clone();
+            async move {
+                let mut c = client(proto, lg_addr).await;
+                let r = c.get("/r").header("traceparent", &clients).send().await;
+                assert_eq!(r.status, 200);
+                let e = r.echo();
+                (
+                    e.header("traceparent").map(str::to_string),
+                    e.header("x-b3-spanid").map(str::to_string),
+                )
+            }
+        };
+        // Without `tracing`, the client's header goes on untouched.
+        let (tp, b3) = sent_upstream(lg.addr("web")).await;
+        assert_eq!(tp.as_deref(), Some(clients.as_str()));
+        assert_eq!(b3, None);
+        lg.reload_ok(&traced).await;
+        let (tp, b3) = sent_upstream(lg.addr("web")).await;
+        let (trace, span, _) = traceparent(&tp.unwrap());
+        assert_eq!(trace, TRACE);
+        assert_eq!(b3.as_deref(), Some(span.as_str()));
+        let got = wait_spans(&posts, 1).await;
+        assert_eq!(got[0]["id"], span.as_str());
+        lg.reload_ok(&untraced).await;
+        let (tp, b3) = sent_upstream(lg.addr("web")).await;
+        assert_eq!(tp.as_deref(), Some(clients.as_str()));
+        assert_eq!(b3, None);
+        lg.assert_stat(SAMPLED, 1.0).await;
+    }
+);
