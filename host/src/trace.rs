@@ -32,6 +32,10 @@ use crate::stats::{Counter, Stats};
 /// Waiting spans past this many wake the reporter before its interval ends.
 pub const BATCH: usize = 100;
 
+/// The most spans in one POST (about 600KiB): a buffer that grew while the
+/// collector was slow goes out in several, not in one huge body.
+const MAX_BATCH: usize = 1000;
+
 /// How long one batch's POST may take (connect, send, the answer).
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -489,9 +493,18 @@ impl Tracer {
         }
     }
 
-    /// Everything waiting.
-    fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.lock())
+    /// The oldest `max` spans waiting (all of them, usually).
+    fn take(&self, max: usize) -> Vec<String> {
+        let mut w = self.lock();
+        if w.len() <= max {
+            return std::mem::take(&mut *w);
+        }
+        w.drain(..max).collect()
+    }
+
+    /// How many spans wait.
+    fn waiting(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -520,7 +533,7 @@ pub async fn report(worker: std::rc::Rc<crate::worker::Worker>) {
         let Some(interval) = interval else {
             // Spans of requests that began under a config with tracing: no
             // collector to send them to now.
-            let gone = tracer.take().len();
+            let gone = tracer.take(usize::MAX).len();
             if gone > 0 {
                 tracer.counters().dropped.add(gone as u64);
             }
@@ -532,11 +545,14 @@ pub async fn report(worker: std::rc::Rc<crate::worker::Worker>) {
             }
             continue;
         };
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = tracer.wake.notified() => {}
+        // A full batch (or more, left from the last round) goes at once.
+        if tracer.waiting() < BATCH {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = tracer.wake.notified() => {}
+            }
         }
-        let batch = tracer.take();
+        let batch = tracer.take(MAX_BATCH);
         if batch.is_empty() {
             continue;
         }
@@ -588,23 +604,36 @@ async fn send(worker: &std::rc::Rc<crate::worker::Worker>, tracer: &Tracer, batc
             Some(format!("an answer over {MAX_ANSWER} bytes"))
         }
     };
-    let c = tracer.counters();
-    match failure {
-        None => {
-            c.reported.add(n);
-            if tracer.failing.swap(false, Ordering::Relaxed) {
-                tracing::info!(cluster = %cluster, "tracing: the collector accepts spans again");
+    tracer.settle(n, failure, &cluster);
+}
+
+impl Tracer {
+    /// Counts a batch of `n` spans sent to `cluster` (`failure`: why it was
+    /// not taken), and logs the first failure of a spell and its end, not
+    /// each batch: a collector down for an hour is two lines. Whether it logged.
+    fn settle(&self, n: u64, failure: Option<String>, cluster: &str) -> bool {
+        let c = self.counters();
+        match failure {
+            None => {
+                c.reported.add(n);
+                let ended = self.failing.swap(false, Ordering::Relaxed);
+                if ended {
+                    tracing::info!(cluster = %cluster, "tracing: the collector accepts spans again");
+                }
+                ended
             }
-        }
-        Some(why) => {
-            c.failures.inc();
-            c.dropped.add(n);
-            if !tracer.failing.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    cluster = %cluster,
-                    "tracing: the collector did not take a batch of {n} spans ({why}); \
-                     batches are dropped (legate_tracing_report_failures_total) until it does"
-                );
+            Some(why) => {
+                c.failures.inc();
+                c.dropped.add(n);
+                let began = !self.failing.swap(true, Ordering::Relaxed);
+                if began {
+                    tracing::warn!(
+                        cluster = %cluster,
+                        "tracing: the collector did not take a batch of {n} spans ({why}); \
+                         batches are dropped (legate_tracing_report_failures_total) until it does"
+                    );
+                }
+                began
             }
         }
     }
@@ -883,10 +912,28 @@ mod tests {
         for _ in 0..3 {
             tracer.push("{}".into());
         }
-        assert_eq!(tracer.take().len(), 2);
+        assert_eq!(tracer.take(1), ["{}"]);
+        assert_eq!(tracer.waiting(), 1);
+        assert_eq!(tracer.take(usize::MAX).len(), 1);
         assert_eq!(
             stats.counter_value("legate_tracing_spans_dropped_total", &[]),
             Some(1)
         );
+    }
+
+    #[test]
+    fn a_spell_of_failures_is_logged_once() {
+        let stats = Stats::new();
+        let tracer = Tracer::new(stats.clone());
+        let fail = || Some("answered 503".to_string());
+        assert!(!tracer.settle(2, None, "zipkin"));
+        assert!(tracer.settle(3, fail(), "zipkin"));
+        assert!(!tracer.settle(4, fail(), "zipkin"));
+        assert!(tracer.settle(5, None, "zipkin"));
+        assert!(!tracer.settle(1, None, "zipkin"));
+        let value = |n| stats.counter_value(n, &[]);
+        assert_eq!(value("legate_tracing_spans_reported_total"), Some(8));
+        assert_eq!(value("legate_tracing_spans_dropped_total"), Some(7));
+        assert_eq!(value("legate_tracing_report_failures_total"), Some(2));
     }
 }
