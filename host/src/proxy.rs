@@ -663,8 +663,8 @@ async fn proxy(
             });
         }
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
-        let tracing = snapshot.config.tracing.as_ref();
-        out.trace = crate::trace::begin(h, tracing, &conn.worker.shared.tracer, https, &authority);
+        let traced = snapshot.config.tracing.as_ref();
+        out.trace = crate::trace::begin(h, traced, &conn.worker.shared.tracer, https, &authority);
         crate::overrides::take(h, trusted)
     };
     out.debug.on = ov.debug;

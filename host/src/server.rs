@@ -961,7 +961,7 @@ fn run_worker(id: usize, shared: Arc<Shared>) {
         let housekeeping = tokio::task::spawn_local(worker.clone().housekeeping());
         let plugins = tokio::task::spawn_local(crate::worker::start_plugins(worker.clone()));
         // One reporter per process: spans of every worker go out in one batch.
-        let tracing = (id == 0).then(|| tokio::task::spawn_local(crate::trace::report(worker.clone())));
+        let reporter = (id == 0).then(|| tokio::task::spawn_local(crate::trace::report(worker.clone())));
         let mut drain = shared.drain_signal();
         let _ = drain.wait_for(|d| *d).await;
         let timeout = shared.snapshot.load().config.drain_timeout.get();
@@ -977,7 +977,7 @@ fn run_worker(id: usize, shared: Arc<Shared>) {
         supervisor.abort();
         housekeeping.abort();
         plugins.abort();
-        if let Some(t) = tracing {
+        if let Some(t) = reporter {
             t.abort();
         }
     });
