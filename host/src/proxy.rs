@@ -631,6 +631,15 @@ async fn proxy(
         client_cert,
         client_ip: client.unwrap_or(conn.peer.ip()),
     };
+    // A route with `tracing: false` is decided on the route the request
+    // matches as it arrives, before filters (as a CORS preflight is); only
+    // tables with such a route pay for the match.
+    let traced = snapshot.config.tracing.as_ref().filter(|_| {
+        !table.has_untraced()
+            || table
+                .route(&downstream.input(&req, &authority))
+                .is_none_or(|m| m.route.tracing)
+    });
     let ov = {
         // Sanitised before filters and routes see the request (as Envoy's
         // connection manager does): hop-by-hop headers out first, so that a
@@ -663,7 +672,6 @@ async fn proxy(
             });
         }
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
-        let traced = snapshot.config.tracing.as_ref();
         out.trace = crate::trace::begin(h, traced, &conn.worker.shared.tracer, https, &authority);
         crate::overrides::take(h, trusted)
     };

@@ -364,3 +364,40 @@ each_proto!(
         lg.assert_stat(SAMPLED, 1.0).await;
     }
 );
+
+each_proto!(
+    async fn a_route_with_tracing_false_is_passed_on_untraced(proto) {
+        let app = upstream().name("app").start().await;
+        let posts = Posts::default();
+        let zipkin = collector(&posts).await;
+        let cfg = config(app.addr, zipkin.addr, "100%").replace(
+            "          - name: api\n",
+            "          - name: probe\n            match: { path: /healthz }\n            cluster: app\n            tracing: false\n          - name: api\n",
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let clients = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+        let r = c
+            .get("/healthz")
+            .header("traceparent", &clients)
+            .header("x-b3-sampled", "1")
+            .send()
+            .await;
+        assert_eq!(r.status, 200);
+        let e = r.echo();
+        // As the client sent them: no span of Legate's in between.
+        assert_eq!(e.header("traceparent"), Some(clients.as_str()));
+        assert_eq!(e.header("x-b3-sampled"), Some("1"));
+        assert_eq!(e.header("x-b3-spanid"), None);
+        // The other routes of the table are traced; once their span is in,
+        // the probe's would have been too.
+        let r = c.get("/other").header("traceparent", &clients).send().await;
+        let (trace, span, _) = traceparent(r.echo().header("traceparent").unwrap());
+        assert_eq!(trace, TRACE);
+        assert_ne!(span, CLIENT_SPAN);
+        let got = wait_spans(&posts, 1).await;
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert_eq!(got[0]["name"], "api");
+        lg.assert_stat(SAMPLED, 1.0).await;
+    }
+);

@@ -1133,6 +1133,11 @@ pub struct Route {
     /// alone (an event stream, content compressed already). Default true.
     #[serde(default = "defaults::yes")]
     pub compression: bool,
+    /// `false`: with a top-level `tracing`, this route's requests are passed
+    /// on as without it (their trace headers untouched, no span): health
+    /// checks and other noise. Default true.
+    #[serde(default = "defaults::yes")]
+    pub tracing: bool,
     /// Per-route overrides of the listener's `http.upgrades`, by upgrade type:
     /// `true` tunnels it on this route even if the listener does not list it,
     /// `false` refuses it here (Envoy's route `upgrade_configs` with `enabled`).
