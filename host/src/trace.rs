@@ -369,10 +369,20 @@ fn span_json(span: &Active, f: &Facts<'_>, now: SystemTime) -> String {
     if let Some(id) = f.request_id {
         tag("guid:x-request-id", id.to_string());
     }
+    // Envoy's tag where its access log has a flag for the outcome; the
+    // cause itself always (a filter's answer has no flag).
+    let flag = f
+        .cause
+        .and_then(|c| crate::access_log::format::response_flag(c, false));
+    if let Some(flag) = flag {
+        tag("response_flags", flag.to_string());
+    }
     if let Some(c) = f.cause {
         tag("legate.cause", c.to_string());
     }
-    if f.status >= 500 || f.cause.is_some() {
+    // As Envoy's: a 5xx or a flagged outcome (a route's own answer, a CORS
+    // preflight or a filter's 401 is no error of the proxy's).
+    if f.status >= 500 || flag.is_some() {
         tag("error", "true".to_string());
     }
     let endpoint = |ip: std::net::IpAddr, port: Option<u16>| {
@@ -897,10 +907,49 @@ mod tests {
                     "request_size": "3",
                     "response_size": "19",
                     "guid:x-request-id": "r1",
+                    "response_flags": "UH",
                     "legate.cause": "no_healthy_upstream",
                     "error": "true"
                 }
             })
+        );
+    }
+
+    #[test]
+    fn a_cause_without_a_flag_is_no_error() {
+        let a = Active {
+            trace: TraceId { id: 1, wide: true },
+            span: 2,
+            parent: None,
+            origin: "http://a".into(),
+            service_name: "legate".into(),
+        };
+        let f = Facts {
+            route: Some("health"),
+            method: "GET",
+            path: "/healthz",
+            protocol: "HTTP/1.1".into(),
+            status: 200,
+            elapsed: Duration::from_micros(3),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            client: ("127.0.0.1".parse().unwrap(), Some(5000)),
+            cluster: None,
+            upstream: None,
+            request_size: 0,
+            response_size: 2,
+            request_id: None,
+            cause: Some("direct_response"),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&span_json(&a, &f, SystemTime::now())).unwrap();
+        let tags = &v["tags"];
+        assert_eq!(tags["legate.cause"], "direct_response");
+        assert!(tags.get("error").is_none(), "{tags}");
+        assert!(tags.get("response_flags").is_none(), "{tags}");
+        assert_eq!(v["name"], "health");
+        assert_eq!(
+            v["remoteEndpoint"],
+            serde_json::json!({"ipv4": "127.0.0.1", "port": 5000})
         );
     }
 

@@ -159,6 +159,7 @@ each_proto!(
         assert_eq!(tags["guid:x-request-id"], request_id.as_str());
         assert!(tags.get("error").is_none(), "{s:#}");
         assert!(tags.get("legate.cause").is_none(), "{s:#}");
+        assert!(tags.get("response_flags").is_none(), "{s:#}");
         let (path, ct, _) = posts.lock().unwrap()[0].clone();
         assert_eq!(path, "/api/v2/spans");
         assert_eq!(ct, "application/json");
@@ -318,6 +319,7 @@ each_proto!(
         let tags = &got[0]["tags"];
         assert_eq!(tags["http.status_code"], "499", "{tags:#}");
         assert_eq!(tags["legate.cause"], "downstream_disconnect", "{tags:#}");
+        assert_eq!(tags["response_flags"], "DC", "{tags:#}");
         assert_eq!(tags["error"], "true", "{tags:#}");
         assert_eq!(tags["upstream_cluster"], "app", "{tags:#}");
         assert_eq!(got[0]["name"], "api");
