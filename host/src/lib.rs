@@ -44,6 +44,7 @@ pub mod tcp_proxy;
 #[cfg(test)]
 mod testing;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod wasm;
 pub mod worker;

@@ -176,6 +176,8 @@ struct Outcome {
     /// The sticky cookie made for this request (`hash_on.cookie_ttl`), for
     /// its upstream response's `Set-Cookie`.
     set_cookie: Option<HeaderValue>,
+    /// The span of a sampled request ([`crate::trace`]), reported by `Done`.
+    trace: Option<Box<crate::trace::Active>>,
 }
 
 /// Timings and facts of the debug headers ([`crate::overrides::Debug`]).
@@ -642,6 +644,15 @@ async fn proxy(
         client_cert,
         client_ip: client.unwrap_or(conn.peer.ip()),
     };
+    // A route with `tracing: false` is decided on the route the request
+    // matches as it arrives, before filters (as a CORS preflight is); only
+    // tables with such a route pay for the match.
+    let traced = snapshot.config.tracing.as_ref().filter(|_| {
+        !table.has_untraced()
+            || table
+                .route(&downstream.input(&req, &authority))
+                .is_none_or(|m| m.route.tracing)
+    });
     let ov = {
         // Sanitised before filters and routes see the request (as Envoy's
         // connection manager does): hop-by-hop headers out first, so that a
@@ -674,6 +685,7 @@ async fn proxy(
             });
         }
         out.request_id = proxy_headers::request_id(h, trusted, http.generate_request_id);
+        out.trace = crate::trace::begin(h, traced, &conn.worker.shared.tracer, https, &authority);
         crate::overrides::take(h, trusted)
     };
     out.debug.on = ov.debug;
@@ -3702,6 +3714,7 @@ impl Drop for Done {
         if !self.connection_told {
             self.conn.activity.request_finished();
         }
+        self.report_span(elapsed);
         if let (Some(log), Some(l)) = (&self.conn.worker.shared.access_log, &self.logged) {
             let o = &self.out;
             // (Formatted again: only a request without an authority pays.)
@@ -3779,6 +3792,40 @@ fn scheme_of(conn: &ConnCtx) -> &'static str {
         "https"
     } else {
         "http"
+    }
+}
+
+impl Done {
+    /// Hands the span of a sampled request to the tracer ([`crate::trace`]),
+    /// with the facts its access-log line has.
+    fn report_span(&mut self, elapsed: Duration) {
+        let Some(span) = self.out.trace.take() else {
+            return;
+        };
+        let o = &self.out;
+        crate::trace::finish(
+            &self.conn.worker.shared.tracer,
+            &span,
+            &crate::trace::Facts {
+                route: o.route.as_ref().map(|r| &*r.name),
+                method: self.method.as_str(),
+                path: &self.path,
+                protocol: format!("{:?}", self.version),
+                status: self.status.as_u16(),
+                elapsed,
+                local: self.conn.original_dst.unwrap_or(self.conn.local),
+                client: match o.client {
+                    Some(ip) => (ip, None),
+                    None => (self.conn.peer.ip(), Some(self.conn.peer.port())),
+                },
+                cluster: o.cluster.as_deref(),
+                upstream: o.upstream,
+                request_size: self.received.as_ref().map_or(0, filter::ByteCount::get),
+                response_size: self.bytes.get(),
+                request_id: o.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                cause: o.cause.or(o.local.as_deref()),
+            },
+        );
     }
 }
 

@@ -93,6 +93,9 @@ pub struct RouteTable {
     /// Whether a route answers health checks (`health`): only then is a
     /// `GET` or `HEAD` matched before the filters.
     has_health: bool,
+    /// Whether a route has `tracing: false`: only then is a request matched
+    /// before the filters for its trace context ([`crate::trace`]).
+    has_untraced: bool,
 }
 
 /// What the router needs to know about a request.
@@ -180,6 +183,9 @@ pub struct Route {
     pub fault: Option<Box<config::Fault>>,
     /// Whether the listener's `http.compression` applies to its responses.
     pub compression: bool,
+    /// Whether its requests are traced under a top-level `tracing`
+    /// ([`crate::trace`]).
+    pub tracing: bool,
     /// Per-type overrides of the listener's `http.upgrades` (see
     /// [`Route::allows_upgrade`]).
     upgrades: Box<[(Box<str>, bool)]>,
@@ -1083,12 +1089,14 @@ impl RouteTable {
                 .iter()
                 .any(|r| matches!(r.action, Action::Health(_)))
         });
+        let has_untraced = vhosts.iter().any(|v| v.routes.iter().any(|r| !r.tracing));
         Ok(RouteTable {
             name: cfg.name.clone(),
             vhosts,
             domains: DomainIndex::build(&cfg.virtual_hosts),
             has_cors,
             has_health,
+            has_untraced,
         })
     }
 
@@ -1100,6 +1108,11 @@ impl RouteTable {
     /// Whether a route here answers health checks (`health`).
     pub fn has_health(&self) -> bool {
         self.has_health
+    }
+
+    /// Whether any route here has `tracing: false`.
+    pub fn has_untraced(&self) -> bool {
+        self.has_untraced
     }
 
     /// The table's config name.
@@ -1259,6 +1272,7 @@ impl Route {
             mirror: cfg.mirror.clone(),
             fault: cfg.fault.clone().map(Box::new),
             compression: cfg.compression,
+            tracing: cfg.tracing,
             upgrades: cfg
                 .upgrades
                 .iter()

@@ -416,6 +416,9 @@ pub struct Shared {
     pub upgrade_socket_pending: std::sync::atomic::AtomicBool,
     /// The access log, if configured.
     pub access_log: Option<AccessLog>,
+    /// Finished spans waiting for the collector, and the tracing counters
+    /// (`crate::trace`); idle without a `tracing` section.
+    pub tracer: crate::trace::Tracer,
     /// The listeners in force; every worker accepts on each (see
     /// [`crate::worker::supervise_listeners`]).
     pub listeners: watch::Sender<ListenerSet>,
@@ -833,6 +836,7 @@ pub fn start_with(
         health_check_failed: watch::channel(false).0,
         upgrade_socket_pending: process.serves_upgrade_socket.into(),
         access_log,
+        tracer: crate::trace::Tracer::new(stats.clone()),
         listeners,
         reloader,
         commit: Mutex::new(()),
@@ -956,6 +960,8 @@ fn run_worker(id: usize, shared: Arc<Shared>) {
         ));
         let housekeeping = tokio::task::spawn_local(worker.clone().housekeeping());
         let plugins = tokio::task::spawn_local(crate::worker::start_plugins(worker.clone()));
+        // One reporter per process: spans of every worker go out in one batch.
+        let reporter = (id == 0).then(|| tokio::task::spawn_local(crate::trace::report(worker.clone())));
         let mut drain = shared.drain_signal();
         let _ = drain.wait_for(|d| *d).await;
         let timeout = shared.snapshot.load().config.drain_timeout.get();
@@ -971,6 +977,9 @@ fn run_worker(id: usize, shared: Arc<Shared>) {
         supervisor.abort();
         housekeeping.abort();
         plugins.abort();
+        if let Some(t) = reporter {
+            t.abort();
+        }
     });
 }
 

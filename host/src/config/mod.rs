@@ -65,6 +65,10 @@ pub struct Config {
     /// The plugins' shared KV store (see [`KvConfig`]); absent = in memory.
     #[serde(default)]
     pub kv: KvConfig,
+    /// Distributed tracing (Zipkin v2 spans, W3C and B3 propagation; see
+    /// [`Tracing`]); absent = no tracing headers are read or written.
+    #[serde(default)]
+    pub tracing: Option<Tracing>,
     /// The file this config was read from and its text ([`parse_str`] sets
     /// it): an error found only when the config is put to use (a plugin's
     /// `configure` refusing its `config`) is placed at its `file:line:col`
@@ -450,6 +454,35 @@ impl Serialize for JsonFormat {
         }
         m.end()
     }
+}
+
+/// Distributed tracing, as Envoy's Zipkin tracer: the trace context of every
+/// request is read (W3C `traceparent`, B3) and written upstream, and a span of
+/// each sampled request is sent to a Zipkin collector (`crate::trace`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The cluster the spans are POSTed to (a Zipkin collector, or anything
+    /// that reads Zipkin v2 JSON: Jaeger, Tempo, the OpenTelemetry collector).
+    pub collector_cluster: Spanned<Name>,
+    /// The collector's path. Default `/api/v2/spans` (Zipkin's).
+    #[serde(default = "defaults::tracing_collector_path")]
+    pub collector_path: String,
+    /// The span's `localEndpoint.serviceName`. Default `legate`.
+    #[serde(default = "defaults::tracing_service_name")]
+    pub service_name: String,
+    /// The share of requests without a sampling decision of their own that are
+    /// sampled (Envoy's `random_sampling`). Default 100%.
+    #[serde(default = "defaults::hundred_percent")]
+    pub random_sampling: Percent,
+    /// How long a finished span may wait before its batch is sent (sooner once
+    /// 100 wait). Default 1s.
+    #[serde(default = "defaults::tracing_flush_interval")]
+    pub flush_interval: Dur,
+    /// The most finished spans held while the collector is slow or down;
+    /// past it new spans are dropped and counted. Default 1000.
+    #[serde(default = "defaults::tracing_max_buffered_spans")]
+    pub max_buffered_spans: u32,
 }
 
 /// A downstream listener: HTTP (with optional TLS) or TCP.
@@ -1105,6 +1138,11 @@ pub struct Route {
     /// alone (an event stream, content compressed already). Default true.
     #[serde(default = "defaults::yes")]
     pub compression: bool,
+    /// `false`: with a top-level `tracing`, this route's requests are passed
+    /// on as without it (their trace headers untouched, no span): health
+    /// checks and other noise. Default true.
+    #[serde(default = "defaults::yes")]
+    pub tracing: bool,
     /// Per-route overrides of the listener's `http.upgrades`, by upgrade type:
     /// `true` tunnels it on this route even if the listener does not list it,
     /// `false` refuses it here (Envoy's route `upgrade_configs` with `enabled`).
@@ -2206,6 +2244,18 @@ pub(crate) mod defaults {
         18
     }
 
+    pub fn tracing_collector_path() -> String {
+        "/api/v2/spans".to_string()
+    }
+    pub fn tracing_service_name() -> String {
+        "legate".to_string()
+    }
+    pub fn tracing_flush_interval() -> Dur {
+        Dur::secs(1)
+    }
+    pub fn tracing_max_buffered_spans() -> u32 {
+        1000
+    }
     pub fn access_log_flush_interval() -> Dur {
         Dur::secs(1)
     }
@@ -2628,6 +2678,7 @@ clusters:
                 at(&["access_log.filter"]),
                 fields::<AccessLogFilter>(),
             ),
+            ("`tracing`", at(&["tracing"]), fields::<Tracing>()),
             ("`listeners[]`", at(&["listeners"]), fields::<Listener>()),
             (
                 "`listeners[].http`",

@@ -146,6 +146,67 @@ impl Config {
         }
     }
 
+    /// The `tracing` section: its collector is a defined cluster an HTTP
+    /// request may reach, and its numbers are in range.
+    fn validate_tracing(&self, e: &mut Issues, t: &Tracing, clusters: &Defined<'_>) {
+        clusters.check(e, &t.collector_cluster);
+        self.no_proxy_protocol_over_http(e, &t.collector_cluster);
+        if !t.collector_path.starts_with('/') {
+            e.top(
+                format!(
+                    "`tracing.collector_path` `{}` does not start with `/`",
+                    t.collector_path
+                ),
+                "write the collector's path, such as Zipkin's `/api/v2/spans` (the default)",
+            )
+            .key("tracing")
+            .key("collector_path");
+        }
+        if t.service_name.trim().is_empty() {
+            e.top(
+                "`tracing.service_name` is empty",
+                "name this proxy as the trace UI should show it; the default is `legate`",
+            )
+            .key("tracing")
+            .key("service_name");
+        }
+        if !(0.0..=100.0).contains(&t.random_sampling.0) {
+            e.top(
+                format!(
+                    "`tracing.random_sampling` {} is not between 0% and 100%",
+                    t.random_sampling
+                ),
+                "write a percentage from `0%` (only requests that arrive sampled) to `100%`",
+            )
+            .key("tracing")
+            .key("random_sampling");
+        }
+        let interval = t.flush_interval.get();
+        if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&interval) {
+            e.top(
+                format!(
+                    "`tracing.flush_interval` is {}, not between 1ms and 1m",
+                    t.flush_interval
+                ),
+                "the default is `1s`; spans wait at most this long before they are sent",
+            )
+            .key("tracing")
+            .key("flush_interval");
+        }
+        if !(1..=1_000_000).contains(&t.max_buffered_spans) {
+            e.top(
+                format!(
+                    "`tracing.max_buffered_spans` is {}, not between 1 and 1000000",
+                    t.max_buffered_spans
+                ),
+                "the default is `1000`; spans past it are dropped and counted while the \
+                 collector is behind",
+            )
+            .key("tracing")
+            .key("max_buffered_spans");
+        }
+    }
+
     /// The problems of this config with the key paths that locate them precisely.
     pub(crate) fn issues(&self) -> Vec<Issue> {
         let mut e = Issues::default();
@@ -279,6 +340,10 @@ impl Config {
             section: "routes",
             names: self.routes.iter().map(|t| &t.value.name).collect(),
         };
+
+        if let Some(t) = &self.tracing {
+            self.validate_tracing(&mut e, t, &clusters);
+        }
 
         unique(
             &mut e,
