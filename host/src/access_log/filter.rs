@@ -46,35 +46,12 @@ mod tests {
 
     fn line(status: u16, cause: Option<&'static str>, duration_ms: f64) -> Line<'static> {
         Line {
-            attempts: 0,
-            authority: None,
-            bytes_received: 0,
-            bytes_sent: 0,
-            cause,
-            client: String::new(),
-            cluster: None,
-            downstream_peer_subject: None,
-            duration_ms,
-            listener: "web",
-            method: Some("GET"),
-            path: Some("/"),
-            peer: None,
-            protocol: Some("HTTP/1.1".into()),
-            referer: None,
-            request_id: None,
-            requested_server_name: None,
-            response_duration_ms: None,
-            route: None,
-            route_table: None,
-            start_time: String::new(),
             status,
-            time: String::new(),
-            upstream: None,
-            upstream_transport_failure_reason: None,
-            user_agent: None,
-            virtual_host: None,
-            x_forwarded_for: None,
-            facts: super::super::Facts::default(),
+            cause,
+            duration_ms,
+            method: Some("GET"),
+            protocol: Some("HTTP/1.1".into()),
+            ..Line::blank()
         }
     }
 

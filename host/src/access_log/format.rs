@@ -1165,19 +1165,14 @@ mod tests {
             authority: Some("example.com"),
             bytes_received: 3,
             bytes_sent: 1234,
-            cause: None,
             client: "10.0.0.1:5555".into(),
             cluster: Some("backend"),
-            downstream_peer_subject: None,
             duration_ms: 12.7,
-            listener: "web",
             method: Some("GET"),
             path: Some("/a?b=1"),
             peer: Some("127.0.0.1:4000".into()),
             protocol: Some("HTTP/2.0".into()),
-            referer: None,
             request_id: Some("rid-1"),
-            requested_server_name: None,
             response_duration_ms: Some(5.2),
             route: Some("r1"),
             route_table: Some("main"),
@@ -1185,10 +1180,8 @@ mod tests {
             status: 200,
             time: super::super::timestamp(t()),
             upstream: Some("127.0.0.1:8080".into()),
-            upstream_transport_failure_reason: None,
             user_agent: Some("curl/8"),
             virtual_host: Some("all"),
-            x_forwarded_for: None,
             facts: super::super::Facts {
                 start: Some(t()),
                 local: Some("127.0.0.2:443".parse().unwrap()),
@@ -1199,6 +1192,7 @@ mod tests {
                 response: resp,
                 trailers: &[],
             },
+            ..Line::blank()
         }
     }
 

@@ -90,6 +90,44 @@ pub struct Line<'a> {
     pub facts: Facts<'a>,
 }
 
+#[cfg(test)]
+impl Line<'static> {
+    /// A line with nothing in it, for tests to fill in what they read.
+    pub(crate) fn blank() -> Self {
+        Line {
+            attempts: 0,
+            authority: None,
+            bytes_received: 0,
+            bytes_sent: 0,
+            cause: None,
+            client: String::new(),
+            cluster: None,
+            downstream_peer_subject: None,
+            duration_ms: 0.0,
+            listener: "web",
+            method: None,
+            path: None,
+            peer: None,
+            protocol: None,
+            referer: None,
+            request_id: None,
+            requested_server_name: None,
+            response_duration_ms: None,
+            route: None,
+            route_table: None,
+            start_time: String::new(),
+            status: 0,
+            time: String::new(),
+            upstream: None,
+            upstream_transport_failure_reason: None,
+            user_agent: None,
+            virtual_host: None,
+            x_forwarded_for: None,
+            facts: Facts::default(),
+        }
+    }
+}
+
 /// The facts of a [`Line`] that only `format` and `json_format` operators
 /// read (not in the default JSON line).
 #[derive(Default)]
