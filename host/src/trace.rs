@@ -79,6 +79,9 @@ pub struct Incoming {
     pub sampled: Option<bool>,
     /// The ids came from a valid `traceparent`: its `tracestate` goes on with it.
     pub w3c: bool,
+    /// B3 debug (`b3: …-d`, `x-b3-flags: 1`): sampled, passed on as
+    /// `x-b3-flags: 1`, and the span marked `debug` so the collector keeps it.
+    pub debug: bool,
 }
 
 /// Reads the incoming trace context: `traceparent` first, then `b3`, then the
@@ -126,6 +129,7 @@ pub fn traceparent(v: &[u8]) -> Option<Incoming> {
         )),
         sampled: Some(flags & 1 == 1),
         w3c: true,
+        debug: false,
     })
 }
 
@@ -139,6 +143,7 @@ pub fn b3_single(v: &[u8]) -> Option<Incoming> {
             ids: None,
             sampled: Some(b3_decision(decision)?),
             w3c: false,
+            debug: decision == "d",
         }),
         [trace, span, ref more @ ..] if more.len() <= 2 => {
             let sampled = match more.first() {
@@ -154,6 +159,7 @@ pub fn b3_single(v: &[u8]) -> Option<Incoming> {
                 ids: Some((b3_trace_id(trace)?, b3_span_id(span)?)),
                 sampled,
                 w3c: false,
+                debug: more.first() == Some(&"d"),
             })
         }
         _ => None,
@@ -169,7 +175,8 @@ pub fn b3_multi(h: &HeaderMap) -> Incoming {
         (Some(t), Some(s)) => b3_trace_id(t).zip(b3_span_id(s)),
         _ => None,
     };
-    let sampled = if text(&B3_FLAGS) == Some("1") {
+    let debug = text(&B3_FLAGS) == Some("1");
+    let sampled = if debug {
         Some(true)
     } else {
         // Envoy and older Zipkin clients write `true` and `false`.
@@ -183,6 +190,7 @@ pub fn b3_multi(h: &HeaderMap) -> Incoming {
         ids,
         sampled,
         w3c: false,
+        debug,
     }
 }
 
@@ -243,6 +251,8 @@ pub struct Active {
     /// `scheme://authority`, for `http.url`.
     pub origin: String,
     pub service_name: String,
+    /// B3 debug: the span says `"debug": true`.
+    pub debug: bool,
 }
 
 /// The trace context of a request on its way upstream: reads the client's
@@ -301,10 +311,15 @@ pub fn begin(
     if let Some(p) = parent {
         set(B3_PARENT, format!("{p:016x}"));
     }
-    h.insert(
-        B3_SAMPLED,
-        HeaderValue::from_static(if sampled { "1" } else { "0" }),
-    );
+    if inc.debug {
+        // B3: debug implies sampled, and is sent instead of `x-b3-sampled`.
+        h.insert(B3_FLAGS, HeaderValue::from_static("1"));
+    } else {
+        h.insert(
+            B3_SAMPLED,
+            HeaderValue::from_static(if sampled { "1" } else { "0" }),
+        );
+    }
     if !sampled {
         return None;
     }
@@ -315,6 +330,7 @@ pub fn begin(
         parent,
         origin: format!("{}://{authority}", if https { "https" } else { "http" }),
         service_name: cfg.service_name.clone(),
+        debug: inc.debug,
     }))
 }
 
@@ -345,6 +361,9 @@ pub fn finish(tracer: &Tracer, span: &Active, f: &Facts<'_>) {
     tracer.push(span_json(span, f, SystemTime::now()));
 }
 
+/// The longest `http.url` tag, in bytes (Envoy's `max_path_tag_length`).
+const MAX_URL_TAG: usize = 256;
+
 /// The Zipkin v2 JSON object of a span (`now` is when it ended).
 fn span_json(span: &Active, f: &Facts<'_>, now: SystemTime) -> String {
     let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
@@ -355,7 +374,19 @@ fn span_json(span: &Active, f: &Facts<'_>, now: SystemTime) -> String {
         tags.insert(k.to_string(), serde_json::Value::String(v));
     };
     tag("http.method", f.method.to_string());
-    tag("http.url", format!("{}{}", span.origin, f.path));
+    tag("http.url", {
+        // Cut as Envoy's `max_path_tag_length` (256) cuts it: a span stays
+        // small whatever the request's path and query.
+        let mut url = format!("{}{}", span.origin, f.path);
+        if url.len() > MAX_URL_TAG {
+            let mut cut = MAX_URL_TAG;
+            while !url.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            url.truncate(cut);
+        }
+        url
+    });
     tag("http.protocol", f.protocol.clone());
     tag("http.status_code", f.status.to_string());
     if let Some(c) = f.cluster {
@@ -380,9 +411,10 @@ fn span_json(span: &Active, f: &Facts<'_>, now: SystemTime) -> String {
     if let Some(c) = f.cause {
         tag("legate.cause", c.to_string());
     }
-    // As Envoy's: a 5xx or a flagged outcome (a route's own answer, a CORS
-    // preflight or a filter's 401 is no error of the proxy's).
-    if f.status >= 500 || flag.is_some() {
+    // As Envoy's: a 5xx, or no response at all (Legate logs 499 where
+    // Envoy's response code is 0); a route's own answer, a CORS preflight or
+    // a filter's 401 is no error of the proxy's.
+    if f.status >= 500 || f.status == 499 {
         tag("error", "true".to_string());
     }
     let endpoint = |ip: std::net::IpAddr, port: Option<u16>| {
@@ -404,6 +436,9 @@ fn span_json(span: &Active, f: &Facts<'_>, now: SystemTime) -> String {
     }
     o.insert("name".into(), f.route.unwrap_or(f.method).into());
     o.insert("kind".into(), "SERVER".into());
+    if span.debug {
+        o.insert("debug".into(), true.into());
+    }
     o.insert("timestamp".into(), micros(start).into());
     // Zipkin reads a duration of 0 as "unknown": a request takes at least 1µs.
     o.insert("duration".into(), micros(f.elapsed).max(1).into());
@@ -580,7 +615,12 @@ async fn send(worker: &std::rc::Rc<crate::worker::Worker>, tracer: &Tracer, batc
     let n = batch.len() as u64;
     let mut body = String::with_capacity(batch.iter().map(|s| s.len() + 1).sum::<usize>() + 1);
     body.push('[');
-    body.push_str(&batch.join(","));
+    for (i, span) in batch.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(span);
+    }
     body.push(']');
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -867,6 +907,7 @@ mod tests {
             parent: Some(0xb),
             origin: "http://a.example".into(),
             service_name: "edge".into(),
+            debug: false,
         };
         let f = Facts {
             route: None,
@@ -923,6 +964,7 @@ mod tests {
             parent: None,
             origin: "http://a".into(),
             service_name: "legate".into(),
+            debug: false,
         };
         let f = Facts {
             route: Some("health"),
@@ -951,6 +993,49 @@ mod tests {
             v["remoteEndpoint"],
             serde_json::json!({"ipv4": "127.0.0.1", "port": 5000})
         );
+    }
+
+    #[test]
+    fn debug_is_passed_on_long_urls_are_cut_and_only_failures_are_errors() {
+        let tracer = Tracer::new(Stats::new());
+        let mut h = map(&[("b3", "463ac35c9f6413ad-a2fb4a1d1a96d312-d")]);
+        let a = begin(&mut h, Some(&cfg(0.0)), &tracer, false, "a.example").unwrap();
+        assert!(a.debug);
+        assert_eq!(h.get("x-b3-flags").unwrap(), "1");
+        assert!(!h.contains_key("x-b3-sampled"));
+        let mut f = Facts {
+            route: None,
+            method: "GET",
+            path: "/",
+            protocol: "HTTP/1.1".into(),
+            status: 404,
+            elapsed: Duration::from_micros(3),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            client: ("127.0.0.1".parse().unwrap(), Some(5000)),
+            cluster: None,
+            upstream: None,
+            request_size: 0,
+            response_size: 2,
+            request_id: None,
+            cause: Some("no_route"),
+        };
+        let long = format!("/{}", "é".repeat(300));
+        f.path = &long;
+        let v: serde_json::Value =
+            serde_json::from_str(&span_json(&a, &f, SystemTime::now())).unwrap();
+        assert_eq!(v["debug"], true);
+        let url = v["tags"]["http.url"].as_str().unwrap();
+        assert!(
+            url.len() <= 256 && url.starts_with("http://a.example/é"),
+            "{url}"
+        );
+        // A 404 of Legate's own is no error; no response at all is.
+        assert!(v["tags"].get("error").is_none(), "{v}");
+        f.status = 499;
+        f.cause = Some("downstream_disconnect");
+        let v: serde_json::Value =
+            serde_json::from_str(&span_json(&a, &f, SystemTime::now())).unwrap();
+        assert_eq!(v["tags"]["error"], "true");
     }
 
     #[test]

@@ -151,10 +151,12 @@ impl Config {
     fn validate_tracing(&self, e: &mut Issues, t: &Tracing, clusters: &Defined<'_>) {
         clusters.check(e, &t.collector_cluster);
         self.no_proxy_protocol_over_http(e, &t.collector_cluster);
-        if !t.collector_path.starts_with('/') {
+        if !t.collector_path.starts_with('/')
+            || t.collector_path.parse::<http::uri::PathAndQuery>().is_err()
+        {
             e.top(
                 format!(
-                    "`tracing.collector_path` `{}` does not start with `/`",
+                    "`tracing.collector_path` `{}` is not a path starting with `/`",
                     t.collector_path
                 ),
                 "write the collector's path, such as Zipkin's `/api/v2/spans` (the default)",
