@@ -29,6 +29,8 @@ if [[ -f Cargo.lock ]]; then
 fi
 echo "demo: building (release)..."
 cargo build --release "${lock[@]}" -p legate-host -p legate-demo-upstream
+# Where cargo put them: CARGO_TARGET_DIR if set, as cargo itself reads it.
+BIN="${CARGO_TARGET_DIR:-target}/release"
 # The host's build script builds plugins/* into Wasm components and embeds them
 # (it needs the wasm32-wasip2 target: setup's `wasm` group, above).
 
@@ -74,7 +76,7 @@ wait_listening() {
 for entry in "${UPSTREAMS[@]}"; do
     name=${entry%%=*}
     addr=${entry#*=}
-    target/release/legate-demo-upstream --listen "${addr}" --name "${name}" \
+    "${BIN}/legate-demo-upstream" --listen "${addr}" --name "${name}" \
         >"${LOGS}/${name}.log" 2>&1 &
     pids+=($!)
     wait_listening "${name}" "$!" "${LOGS}/${name}.log"
@@ -84,7 +86,7 @@ done
 # Legate runs as a background job that we `wait` for, rather than via `exec`:
 # exec would drop the trap above and leak the upstreams, and a foreground child
 # would delay the trap on SIGTERM until it exited by itself.
-target/release/legate run -c "${CONFIG}" &
+"${BIN}/legate" run -c "${CONFIG}" &
 legate_pid=$!
 pids+=("${legate_pid}")
 
