@@ -979,6 +979,8 @@ fn run_worker(id: usize, shared: Arc<Shared>) {
         plugins.abort();
         if let Some(t) = reporter {
             t.abort();
+            // What waits is sent once more instead of lost with the process.
+            crate::trace::flush(worker.clone()).await;
         }
     });
 }

@@ -605,6 +605,38 @@ pub async fn report(worker: std::rc::Rc<crate::worker::Worker>) {
     }
 }
 
+/// How long the last flush of a stopping process may take in all.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+
+/// The last flush, when the process stops (worker 0, once its own connections
+/// have drained and the reporter is stopped): what waits goes out now, within
+/// [`FINAL_FLUSH`], rather than being lost with the process. What does not go
+/// in time is counted as dropped. Spans of requests other workers still
+/// finish after this are not sent.
+pub async fn flush(worker: std::rc::Rc<crate::worker::Worker>) {
+    let tracer = &worker.shared.tracer;
+    if worker.shared.snapshot.load().config.tracing.is_none() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + FINAL_FLUSH;
+    loop {
+        let batch = tracer.take(MAX_BATCH);
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        if tokio::time::timeout_at(deadline, send(&worker, tracer, batch))
+            .await
+            .is_err()
+        {
+            tracer.counters().dropped.add(n);
+            let rest = tracer.take(usize::MAX).len() as u64;
+            tracer.counters().dropped.add(rest);
+            return;
+        }
+    }
+}
+
 /// POSTs one batch to the collector of the config in force; counts the result.
 async fn send(worker: &std::rc::Rc<crate::worker::Worker>, tracer: &Tracer, batch: Vec<String>) {
     let snapshot = worker.shared.snapshot.load_full();

@@ -403,3 +403,25 @@ each_proto!(
         lg.assert_stat(SAMPLED, 1.0).await;
     }
 );
+
+each_proto!(
+    /// A graceful stop sends what waits: a span the reporter would have sent
+    /// a minute later reaches the collector before the process exits.
+    async fn a_graceful_stop_sends_the_spans_still_waiting(proto) {
+        let app = upstream().name("app").start().await;
+        let posts = Posts::default();
+        let zipkin = collector(&posts).await;
+        let cfg = config(app.addr, zipkin.addr, "100%").replace("flush_interval: 10ms", "flush_interval: 1m");
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/late").send().await.status, 200);
+        lg.assert_stat(SAMPLED, 1.0).await;
+        drop(c);
+        assert!(spans(&posts).is_empty());
+        lg.shutdown_and_wait().await.unwrap();
+        let s = spans(&posts);
+        assert_eq!(s.len(), 1, "{s:?}");
+        let url = s[0]["tags"]["http.url"].as_str().unwrap();
+        assert!(url.ends_with("/late"), "{url}");
+    }
+);
