@@ -425,3 +425,78 @@ each_proto!(
         assert!(url.ends_with("/late"), "{url}");
     }
 );
+
+each_proto!(
+    /// A collector that hangs: requests go on at once while its batch waits,
+    /// the batch fails at its 5 s and is counted, and once the collector
+    /// answers again the next batch is reported: one bad batch loses only
+    /// itself.
+    async fn a_hanging_collector_loses_only_its_batch(proto) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let app = upstream().name("app").start().await;
+        let hang = Arc::new(AtomicBool::new(true));
+        let posts = Posts::default();
+        let zipkin = {
+            let (hang, posts) = (hang.clone(), posts.clone());
+            upstream()
+                .name("zipkin")
+                .route("/api/v2/spans", move |req: Request<Incoming>| {
+                    let (hang, posts) = (hang.clone(), posts.clone());
+                    async move {
+                        if hang.load(Ordering::SeqCst) {
+                            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                        }
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let spans: Value = serde_json::from_slice(&body).unwrap();
+                        posts.lock().unwrap().push((String::new(), String::new(), spans));
+                        let mut resp = Response::new(Full::new(Bytes::new()));
+                        *resp.status_mut() = StatusCode::ACCEPTED;
+                        resp
+                    }
+                })
+                .start()
+                .await
+        };
+        let lg = legate()
+            .config(&config(app.addr, zipkin.addr, "100%"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/first").send().await.status, 200);
+        eventually(HANG_GUARD, "the batch to be sent", || async {
+            (zipkin.in_flight.get() == 1).then_some(())
+        })
+        .await;
+        // The reporter waits on the collector; requests do not.
+        for _ in 0..3 {
+            assert_eq!(c.get("/meanwhile").send().await.status, 200);
+        }
+        eventually(HANG_GUARD, "the hung report to be counted", || async {
+            (lg.stat(FAILURES).await == Some(1.0)).then_some(())
+        })
+        .await;
+        hang.store(false, Ordering::SeqCst);
+        assert_eq!(c.get("/after").send().await.status, 200);
+        // (The batch of the three sent meanwhile may have gone before the
+        // collector recovered, and failed too: which one is a race.)
+        let urls = eventually(HANG_GUARD, "the span of /after", || async {
+            let urls: Vec<String> = spans(&posts)
+                .iter()
+                .map(|s| s["tags"]["http.url"].as_str().unwrap().to_string())
+                .collect();
+            urls.iter().any(|u| u.ends_with("/after")).then_some(urls)
+        })
+        .await;
+        assert!(!urls.iter().any(|u| u.ends_with("/first")), "{urls:?}");
+        lg.assert_stat(SAMPLED, 5.0).await;
+        // Every span is either reported (the collector has it) or counted as
+        // dropped; the counters follow the collector's answer.
+        let dropped = eventually(HANG_GUARD, "every span counted", || async {
+            let reported = lg.stat(REPORTED).await.unwrap_or(0.0);
+            let dropped = lg.stat(DROPPED).await.unwrap_or(0.0);
+            let received = spans(&posts).len() as f64;
+            (reported + dropped == 5.0 && reported == received).then_some(dropped)
+        })
+        .await;
+        assert!(dropped >= 1.0, "{dropped}");
+    }
+);
