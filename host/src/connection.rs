@@ -58,6 +58,27 @@ pub struct ConnCtx {
     pub streams: crate::idle::Current,
 }
 
+impl ConnCtx {
+    /// The address the client meant to reach: a redirected connection's
+    /// original destination, else ours.
+    pub fn reached(&self) -> SocketAddr {
+        self.original_dst.unwrap_or(self.local)
+    }
+
+    /// The client as the access log and header operators write it, and the
+    /// peer it came through: `client` (the one trusted proxies reported) as
+    /// `ip:0` with the connection's peer beside it, or the peer alone.
+    pub fn client_text(&self, client: Option<std::net::IpAddr>) -> (String, Option<String>) {
+        match client {
+            Some(ip) => (
+                SocketAddr::new(ip, 0).to_string(),
+                Some(self.peer.to_string()),
+            ),
+            None => (self.peer.to_string(), None),
+        }
+    }
+}
+
 /// The executor of a downstream connection: hyper gives it each HTTP/2 stream
 /// (the request's future, then the sending of its response) to run as a
 /// task, here under the stream idle timeout ([`crate::idle::Watching`]): a

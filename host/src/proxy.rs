@@ -615,7 +615,7 @@ async fn proxy(
             )
         })?;
 
-    let (authority, local_authority) = authority_of(&req, conn.original_dst.unwrap_or(conn.local))?;
+    let (authority, local_authority) = authority_of(&req, conn.reached())?;
     out.local_authority = local_authority;
     let https = conn.tls.is_some();
     let client_cert = conn.tls.as_ref().and_then(|t| t.peer.as_deref());
@@ -939,6 +939,7 @@ async fn proxy(
             // Values with operators (`%DOWNSTREAM_REMOTE_ADDRESS%`): what
             // they read, gathered only for the routes that have them.
             let path = path_of(&parts.uri);
+            let (client, peer) = conn.client_text(out.client);
             let facts = crate::router::RequestFacts {
                 listener: listener.name.as_str(),
                 route: Some(&matched.route.name),
@@ -946,13 +947,10 @@ async fn proxy(
                 path: &path,
                 authority: &authority,
                 protocol: format!("{:?}", parts.version),
-                client: match out.client {
-                    Some(ip) => SocketAddr::new(ip, 0).to_string(),
-                    None => conn.peer.to_string(),
-                },
-                peer: out.client.map(|_| conn.peer.to_string()),
+                client,
+                peer,
                 start: SystemTime::now(),
-                local: conn.original_dst.unwrap_or(conn.local),
+                local: conn.reached(),
                 scheme: scheme_of(conn),
                 tls: tls_of(conn),
                 sni: sni_of(conn),
@@ -3720,16 +3718,14 @@ impl Drop for Done {
             // (Formatted again: only a request without an authority pays.)
             let local = o
                 .local_authority
-                .then(|| local_authority(self.conn.original_dst.unwrap_or(self.conn.local)));
+                .then(|| local_authority(self.conn.reached()));
+            let (client, peer) = self.conn.client_text(o.client);
             log.write(&access_log::Line {
                 time: crate::access_log::timestamp(SystemTime::now()),
                 start_time: crate::access_log::timestamp(l.started),
                 listener: self.conn.listener.name.as_str(),
-                client: match o.client {
-                    Some(ip) => SocketAddr::new(ip, 0).to_string(),
-                    None => self.conn.peer.to_string(),
-                },
-                peer: o.client.map(|_| self.conn.peer.to_string()),
+                client,
+                peer,
                 method: Some(self.method.as_str()),
                 path: Some(&self.path),
                 protocol: Some(format!("{:?}", self.version)),
@@ -3757,7 +3753,7 @@ impl Drop for Done {
                 upstream_transport_failure_reason: o.transport_failure.as_deref(),
                 facts: access_log::Facts {
                     start: Some(l.started),
-                    local: Some(self.conn.original_dst.unwrap_or(self.conn.local)),
+                    local: Some(self.conn.reached()),
                     scheme: Some(scheme_of(&self.conn)),
                     grpc: o.grpc,
                     tls: tls_of(&self.conn),
@@ -3813,7 +3809,7 @@ impl Done {
                 protocol: format!("{:?}", self.version),
                 status: self.status.as_u16(),
                 elapsed,
-                local: self.conn.original_dst.unwrap_or(self.conn.local),
+                local: self.conn.reached(),
                 client: match o.client {
                     Some(ip) => (ip, None),
                     None => (self.conn.peer.ip(), Some(self.conn.peer.port())),
@@ -3905,7 +3901,7 @@ pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'stati
         upstream_transport_failure_reason: None,
         facts: access_log::Facts {
             start: now.checked_sub(elapsed),
-            local: Some(conn.original_dst.unwrap_or(conn.local)),
+            local: Some(conn.reached()),
             scheme: Some(scheme_of(conn)),
             tls: tls_of(conn),
             ..access_log::Facts::default()

@@ -268,10 +268,7 @@ pub fn begin(
 ) -> Option<Box<Active>> {
     let cfg = cfg?;
     let inc = incoming(h);
-    let sampled = inc.sampled.unwrap_or_else(|| {
-        let p = cfg.random_sampling.0;
-        p >= 100.0 || rand::random::<f64>() * 100.0 < p
-    });
+    let sampled = inc.sampled.unwrap_or_else(|| cfg.random_sampling.draw());
     let (trace, parent) = match inc.ids {
         Some((t, s)) => (t, Some(s)),
         None => (
