@@ -1,14 +1,15 @@
-//! Response compression (`listeners[].http.compression`): gzip, and brotli when
-//! configured, for clients that accept them, as Envoy's compressor filter and
-//! nginx's `gzip on` (and `brotli on`) do.
+//! Response compression (`listeners[].http.compression`): gzip, and brotli and
+//! zstd when configured, for clients that accept them, as Envoy's compressor
+//! filter and nginx's `gzip on` (and `brotli on`) do.
 //!
 //! Decided once per response, after the response filters and before the head
 //! goes out: the request's `accept-encoding` must accept a coding ([`accepted`]:
-//! the highest weight, brotli at a tie), and the response must be a
+//! the highest weight; at a tie zstd, then brotli), and the response must be a
 //! compressible one (a listed media type, not already encoded, not
 //! `no-transform`, not a range, long enough). Its body is then wrapped in
 //! [`Compressed`], which compresses each chunk as it passes and flushes it
-//! (zlib's sync flush, brotli's flush), so a streamed response reaches the
+//! (zlib's sync flush, brotli's flush, zstd's `ZSTD_e_flush`), so a streamed
+//! response reaches the
 //! client as the upstream sends it; the head loses its `content-length`, and
 //! gains `content-encoding` and `vary: accept-encoding`; a strong `etag`
 //! becomes weak, as in Envoy.
@@ -44,6 +45,7 @@ pub struct CompressionStats {
 pub enum Coding {
     Gzip,
     Brotli,
+    Zstd,
 }
 
 impl Coding {
@@ -51,17 +53,18 @@ impl Coding {
         match self {
             Coding::Gzip => "gzip",
             Coding::Brotli => "br",
+            Coding::Zstd => "zstd",
         }
     }
 }
 
 /// The coding `accept-encoding` values ask for (RFC 9110 §12.5.3): of gzip
-/// (`gzip`, `x-gzip`) and, if `brotli` is offered, `br`, the one with the
-/// highest nonzero `q` (a coding not named takes `*`'s weight); brotli at a
-/// tie, being smaller. `None`: neither (a weight that does not parse accepts
-/// nothing).
-pub fn accepted(headers: &HeaderMap, brotli: bool) -> Option<Coding> {
-    let (mut gzip, mut br, mut star) = (None, None, None);
+/// (`gzip`, `x-gzip`) and those `cfg` offers (`br`, `zstd`), the one with the
+/// highest nonzero `q` (a coding not named takes `*`'s weight); at a tie zstd
+/// (the least CPU per byte for its size), then brotli (smaller than gzip).
+/// `None`: none of them (a weight that does not parse accepts nothing).
+pub fn accepted(headers: &HeaderMap, cfg: &Compression) -> Option<Coding> {
+    let (mut gzip, mut br, mut zstd, mut star) = (None, None, None, None);
     for value in headers.get_all(header::ACCEPT_ENCODING) {
         let Ok(value) = value.to_str() else { continue };
         for item in value.split(',') {
@@ -77,6 +80,8 @@ pub fn accepted(headers: &HeaderMap, brotli: bool) -> Option<Coding> {
                     &mut gzip
                 } else if coding.eq_ignore_ascii_case("br") {
                     &mut br
+                } else if coding.eq_ignore_ascii_case("zstd") {
+                    &mut zstd
                 } else if coding == "*" {
                     &mut star
                 } else {
@@ -86,15 +91,20 @@ pub fn accepted(headers: &HeaderMap, brotli: bool) -> Option<Coding> {
             slot.get_or_insert(q);
         }
     }
-    let gzip = gzip.or(star).unwrap_or(0);
-    let br = if brotli { br.or(star).unwrap_or(0) } else { 0 };
-    if br > 0 && br >= gzip {
-        Some(Coding::Brotli)
-    } else if gzip > 0 {
-        Some(Coding::Gzip)
-    } else {
-        None
-    }
+    let weight = |q: Option<u16>, offered: bool| if offered { q.or(star).unwrap_or(0) } else { 0 };
+    // In order of preference at a tie: the first with the highest weight wins.
+    [
+        (Coding::Zstd, weight(zstd, cfg.zstd.is_some())),
+        (Coding::Brotli, weight(br, cfg.brotli.is_some())),
+        (Coding::Gzip, weight(gzip, true)),
+    ]
+    .into_iter()
+    .filter(|&(_, q)| q > 0)
+    .fold(None, |best: Option<(Coding, u16)>, (c, q)| match best {
+        Some((_, b)) if b >= q => best,
+        _ => Some((c, q)),
+    })
+    .map(|(c, _)| c)
 }
 
 /// An RFC 9110 §12.4.2 `qvalue` in thousandths: `0` to `1`, at most three
@@ -174,10 +184,11 @@ pub fn apply(
     if !compressible(cfg, head, resp) {
         return;
     }
-    // The coding the encoder is built for (brotli only where it is offered).
-    let accepts = accepts.map(|c| match (c, &cfg.brotli) {
-        (Coding::Brotli, None) => Coding::Gzip,
-        (c, _) => c,
+    // The coding the encoder is built for (brotli and zstd only where offered).
+    let accepts = accepts.map(|c| match c {
+        Coding::Brotli if cfg.brotli.is_none() => Coding::Gzip,
+        Coding::Zstd if cfg.zstd.is_none() => Coding::Gzip,
+        c => c,
     });
     let h = resp.headers_mut();
     // Whether or not it is compressed here, the answer depends on the
@@ -189,15 +200,22 @@ pub fn apply(
     if !varies {
         h.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
-    let Some(coding) = accepts else {
+    let Some(mut coding) = accepts else {
         if !head {
             stats.not_accepted.inc();
         }
         return;
     };
-    if !head {
+    // Made before the head changes, so a coding whose encoder cannot start
+    // falls back to gzip with the right `content-encoding`.
+    let encoder = if head {
+        None
+    } else {
+        let (c, e) = encoder(cfg, coding);
+        coding = c;
         stats.compressed.inc();
-    }
+        Some(e)
+    };
     h.remove(header::CONTENT_LENGTH);
     h.insert(
         header::CONTENT_ENCODING,
@@ -214,23 +232,11 @@ pub fn apply(
             }
         }
     }
-    if head {
-        // The head a `GET` would get; there is no body to compress.
+    let Some(encoder) = encoder else {
+        // A `HEAD`: the head a `GET` would get; there is no body to compress.
         return;
-    }
-    let inner = std::mem::replace(resp.body_mut(), body::empty());
-    let encoder = match (coding, &cfg.brotli) {
-        (Coding::Brotli, Some(b)) => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
-            Vec::new(),
-            BROTLI_BUFFER,
-            b.quality.min(11),
-            b.window_bits.clamp(10, 24),
-        ))),
-        _ => Encoder::Gzip(GzEncoder::new(
-            Vec::new(),
-            flate2::Compression::new(cfg.level.clamp(1, 9)),
-        )),
     };
+    let inner = std::mem::replace(resp.body_mut(), body::empty());
     *resp.body_mut() = body::boxed(Compressed {
         inner,
         encoder: Some(encoder),
@@ -241,15 +247,58 @@ pub fn apply(
     });
 }
 
+/// The encoder for `coding` with `cfg`'s settings, and the coding it is for:
+/// gzip's when a zstd context cannot be made (an allocation failure in the C
+/// library; the settings were validated at load).
+fn encoder(cfg: &Compression, coding: Coding) -> (Coding, Encoder) {
+    match (coding, &cfg.brotli, &cfg.zstd) {
+        (Coding::Brotli, Some(b), _) => {
+            return (
+                coding,
+                Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
+                    Vec::new(),
+                    BROTLI_BUFFER,
+                    b.quality.min(11),
+                    b.window_bits.clamp(10, 24),
+                ))),
+            )
+        }
+        (Coding::Zstd, _, Some(z)) => match zstd_encoder(z) {
+            Ok(e) => return (coding, Encoder::Zstd(Box::new(e))),
+            Err(e) => tracing::warn!("cannot start a zstd encoder, compressing with gzip: {e}"),
+        },
+        _ => {}
+    }
+    let gzip = GzEncoder::new(Vec::new(), flate2::Compression::new(cfg.level.clamp(1, 9)));
+    (Coding::Gzip, Encoder::Gzip(gzip))
+}
+
 /// The brotli encoder's output staging buffer (what it hands to the `Vec` at
 /// a time).
 const BROTLI_BUFFER: usize = 4096;
+
+/// A zstd encoder with `z`'s settings, writing into a `Vec`. No checksum (as
+/// Envoy's default: the connection's own integrity covers the bytes) and no
+/// content size in the frame (the body streams).
+fn zstd_encoder(
+    z: &crate::config::Zstd,
+) -> std::io::Result<zstd::stream::write::Encoder<'static, Vec<u8>>> {
+    let level = i32::try_from(z.level.clamp(1, 19)).unwrap_or(3);
+    let mut e = zstd::stream::write::Encoder::new(Vec::new(), level)?;
+    e.set_parameter(zstd::stream::raw::CParameter::WindowLog(
+        z.window_bits.clamp(10, 23),
+    ))?;
+    e.include_checksum(false)?;
+    Ok(e)
+}
 
 /// A compressed stream's encoder, writing into a `Vec` taken after each chunk.
 enum Encoder {
     Gzip(GzEncoder<Vec<u8>>),
     /// Boxed: brotli's state is large, and a `Compressed` is moved as a body.
     Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+    /// Boxed for the same reason (the C library's context is on its own heap).
+    Zstd(Box<zstd::stream::write::Encoder<'static, Vec<u8>>>),
 }
 
 impl Encoder {
@@ -265,6 +314,10 @@ impl Encoder {
                 e.write_all(data)?;
                 e.flush()
             }
+            Encoder::Zstd(e) => {
+                e.write_all(data)?;
+                e.flush()
+            }
         }
     }
 
@@ -273,15 +326,17 @@ impl Encoder {
         match self {
             Encoder::Gzip(e) => std::mem::take(e.get_mut()),
             Encoder::Brotli(e) => std::mem::take(e.get_mut()),
+            Encoder::Zstd(e) => std::mem::take(e.get_mut()),
         }
     }
 
     /// Ends the stream: what is left of it (gzip's trailer with the CRC,
-    /// brotli's last block).
+    /// brotli's last block, zstd's last block of the frame).
     fn finish(self) -> std::io::Result<Vec<u8>> {
         match self {
             Encoder::Gzip(e) => e.finish(),
             Encoder::Brotli(e) => Ok(e.into_inner()),
+            Encoder::Zstd(e) => e.finish(),
         }
     }
 }
@@ -386,10 +441,16 @@ mod tests {
         CompressionStats::default()
     }
 
+    /// What `v` gets from a listener offering gzip, plus brotli if `brotli`.
     fn accept(v: &str, brotli: bool) -> Option<Coding> {
+        accept_from(v, if brotli { "{brotli: {}}" } else { "{}" })
+    }
+
+    /// What `v` gets from a listener with compression config `offered` (YAML).
+    fn accept_from(v: &str, offered: &str) -> Option<Coding> {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
-        accepted(&h, brotli)
+        accepted(&h, &serde_saphyr::from_str(offered).unwrap())
     }
 
     #[test]
@@ -405,7 +466,7 @@ mod tests {
         assert!(!gzip("gzip;q=0, *"));
         assert!(!gzip("br, identity"));
         assert!(!gzip("gzip;q=x"));
-        assert_eq!(accepted(&HeaderMap::new(), true), None);
+        assert_eq!(accept("", true), None);
     }
 
     #[test]
@@ -430,6 +491,32 @@ mod tests {
         assert_eq!(accept("gzip, br", false), Some(Coding::Gzip));
     }
 
+    #[test]
+    fn zstd_when_offered_and_weighted_at_least_as_high() {
+        let all = |v| accept_from(v, "{brotli: {}, zstd: {}}");
+        // A browser's list: zstd first at a tie, then brotli.
+        assert_eq!(all("gzip, deflate, br, zstd"), Some(Coding::Zstd));
+        assert_eq!(all("*"), Some(Coding::Zstd));
+        assert_eq!(all("gzip, deflate, br"), Some(Coding::Brotli));
+        assert_eq!(all("zstd;q=0.5, br;q=0.8, gzip"), Some(Coding::Gzip));
+        assert_eq!(all("zstd;q=0.9, br;q=0.8, gzip;q=0.5"), Some(Coding::Zstd));
+        assert_eq!(all("ZSTD;q=0.5, br;q=0.6"), Some(Coding::Brotli));
+        assert_eq!(all("*, zstd;q=0"), Some(Coding::Brotli));
+        assert_eq!(all("zstd;q=0, br;q=0, gzip;q=0"), None);
+        // zstd without brotli: zstd at a tie, gzip when weighted higher.
+        let z = |v| accept_from(v, "{zstd: {}}");
+        assert_eq!(z("gzip, deflate, br, zstd"), Some(Coding::Zstd));
+        assert_eq!(z("br, zstd;q=0.1, gzip;q=0.2"), Some(Coding::Gzip));
+        assert_eq!(z("br"), None);
+        // Not offered: what else is.
+        assert_eq!(accept("zstd", true), None);
+        assert_eq!(
+            accept("gzip, deflate, br, zstd", true),
+            Some(Coding::Brotli)
+        );
+        assert_eq!(accept("gzip, zstd", false), Some(Coding::Gzip));
+    }
+
     fn response(headers: &[(&str, &str)], body: &'static str) -> Response<Body> {
         let mut r = Response::new(body::full(body));
         for (k, v) in headers {
@@ -448,6 +535,53 @@ mod tests {
         let mut r = response(&[("content-type", "text/html")], TEXT);
         apply(&cfg(), &stats(), &Method::GET, Some(Coding::Brotli), &mut r);
         assert_eq!(r.headers()["content-encoding"], "gzip");
+    }
+
+    #[test]
+    fn zstd_asked_where_it_is_not_offered_is_gzip() {
+        let mut r = response(&[("content-type", "text/html")], TEXT);
+        apply(&cfg(), &stats(), &Method::GET, Some(Coding::Zstd), &mut r);
+        assert_eq!(r.headers()["content-encoding"], "gzip");
+    }
+
+    #[tokio::test]
+    async fn a_zstd_body_decodes_to_the_original_chunk_by_chunk() {
+        let s = stats();
+        let mut c = cfg();
+        c.zstd = Some(serde_saphyr::from_str("{level: 6, window_bits: 10}").unwrap());
+        let chunks = futures_util::stream::iter(
+            [&TEXT[..20], &TEXT[20..]]
+                .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from_static(p.as_bytes())))),
+        );
+        let mut r = Response::new(body::boxed(http_body_util::StreamBody::new(chunks)));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        apply(&c, &s, &Method::GET, Some(Coding::Zstd), &mut r);
+        assert_eq!(r.headers()["content-encoding"], "zstd");
+        let mut body = r.into_body();
+        let mut frames = Vec::new();
+        while let Some(f) = body.frame().await {
+            frames.push(f.unwrap().into_data().unwrap());
+        }
+        // The first chunk was flushed on its own: it decodes before the end
+        // (a streaming decoder gives it out; the frame is not finished yet).
+        let mut first = Vec::new();
+        let mut d = zstd::stream::read::Decoder::new(&frames[0][..]).unwrap();
+        let _ = d.read_to_end(&mut first);
+        assert_eq!(String::from_utf8_lossy(&first), TEXT[..20]);
+        let all: Vec<u8> = frames.concat();
+        assert_eq!(zstd::decode_all(&all[..]).unwrap(), TEXT.as_bytes());
+        // The window asked for is the one in the frame header: a client that
+        // caps it (RFC 9659: 8MiB) can tell before decoding.
+        let mut d = zstd::stream::raw::Decoder::new().unwrap();
+        d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(10))
+            .unwrap();
+        let mut out = vec![0u8; 4096];
+        let status = zstd::stream::raw::Operation::run_on_buffers(&mut d, &all, &mut out).unwrap();
+        assert_eq!(&out[..status.bytes_written], TEXT.as_bytes());
+        drop(body);
+        assert_eq!(s.compressed.get(), 1);
+        assert_eq!(s.bytes_out.get(), all.len() as u64);
     }
 
     #[tokio::test]

@@ -232,7 +232,7 @@ pub async fn handle(
         .http
         .as_ref()
         .and_then(|h| h.compression.as_ref())
-        .and_then(|c| crate::compress::accepted(req.headers(), c.brotli.is_some()));
+        .and_then(|c| crate::compress::accepted(req.headers(), c));
     let mut in_flight = InFlight {
         conn: Some(conn.clone()),
         start,

@@ -1,4 +1,4 @@
-//! `listeners[].http.compression`: gzip (and brotli, when offered) for clients
+//! `listeners[].http.compression`: gzip (and brotli and zstd, when offered) for clients
 //! that accept it, with real upstreams, over HTTP/1.1 and HTTP/2; a streamed
 //! response is not held back.
 
@@ -234,5 +234,67 @@ each_proto!(
             .await;
         assert_eq!(r.header("content-encoding"), Some("gzip"));
         assert_eq!(gunzip(&r.body), page());
+    }
+);
+
+each_proto!(
+    /// `compression.zstd`: a browser's `gzip, deflate, br, zstd` gets zstd
+    /// when both zstd and brotli are offered, a client weighting brotli
+    /// higher gets brotli, one without `zstd` gets brotli or gzip; the answer
+    /// to a `HEAD` names the coding a `GET` gets.
+    async fn zstd_for_a_client_that_accepts_it_when_offered(proto) {
+        let up = upstream()
+            .route("/page", |_req| async {
+                let mut r = Response::new(Full::new(Bytes::from(page())));
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("text/html"));
+                r
+            })
+            .start()
+            .await;
+        let lg = legate()
+            .config(&config(up.addr, "{ brotli: {}, zstd: { level: 5, window_bits: 17 } }"))
+            .start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let browser = "gzip, deflate, br, zstd";
+        let r = c.get("/page").header("accept-encoding", browser).send().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-encoding"), Some("zstd"));
+        assert_eq!(r.header("vary"), Some("accept-encoding"));
+        assert_eq!(r.header("content-length"), None);
+        assert_eq!(zstd::decode_all(&r.body[..]).unwrap(), page().as_bytes());
+        assert!(r.body.len() * 10 < page().len(), "{} of {}", r.body.len(), page().len());
+        // The frame asks for the configured window (2^17), no more.
+        let mut d = zstd::stream::raw::Decoder::new().unwrap();
+        d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(17)).unwrap();
+        let mut out = vec![0u8; page().len() + 1];
+        let done = zstd::stream::raw::Operation::run_on_buffers(&mut d, &r.body, &mut out).unwrap();
+        assert_eq!(&out[..done.bytes_written], page().as_bytes());
+
+        let head = c.request(Method::HEAD, "/page").header("accept-encoding", browser).send().await;
+        assert_eq!(head.header("content-encoding"), Some("zstd"));
+        let r = c
+            .get("/page")
+            .header("accept-encoding", "zstd;q=0.5, br;q=0.8, gzip;q=0.1")
+            .send()
+            .await;
+        assert_eq!(r.header("content-encoding"), Some("br"));
+        let r = c.get("/page").header("accept-encoding", "gzip, br").send().await;
+        assert_eq!(r.header("content-encoding"), Some("br"));
+        lg.assert_stat(&stat("compressed_total"), 3.0).await;
+        assert_eq!(
+            lg.stat(&stat("compression_bytes_in_total")).await,
+            Some(3.0 * page().len() as f64)
+        );
+
+        // Not offered: a browser gets brotli where it is offered, else gzip.
+        let lg = legate().config(&config(up.addr, "{}")).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let r = c.get("/page").header("accept-encoding", browser).send().await;
+        assert_eq!(r.header("content-encoding"), Some("gzip"));
+        assert_eq!(gunzip(&r.body), page());
+        let r = c.get("/page").header("accept-encoding", "zstd").send().await;
+        assert_eq!(r.header("content-encoding"), None);
+        assert!(r.text() == page(), "not the page as it was");
     }
 );

@@ -938,6 +938,39 @@ fn validate_listener(
                         .key("window_bits");
                     }
                 }
+                if let Some(z) = &c.zstd {
+                    if !(1..=6).contains(&z.level) {
+                        e.at(
+                            loc,
+                            format!(
+                                "listener `{}`: `compression.zstd.level` {} is not from 1 to 6",
+                                l.name, z.level
+                            ),
+                            "each response compressed at 7 and above holds 6MiB to 90MiB; 3 \
+                             (the default) compresses about as gzip's 6 at a fraction of its CPU",
+                        )
+                        .key("http")
+                        .key("compression")
+                        .key("zstd")
+                        .key("level");
+                    }
+                    if !(10..=23).contains(&z.window_bits) {
+                        e.at(
+                            loc,
+                            format!(
+                                "listener `{}`: `compression.zstd.window_bits` {} is not from 10 to 23",
+                                l.name, z.window_bits
+                            ),
+                            "each response's encoder holds a window of 2^window_bits bytes; 19 \
+                             (the default) is 512KiB, 23 (8MiB) is the most an HTTP client must \
+                             accept (RFC 9659)",
+                        )
+                        .key("http")
+                        .key("compression")
+                        .key("zstd")
+                        .key("window_bits");
+                    }
+                }
                 for t in &c.content_types {
                     let ok = t.split_once('/').is_some_and(|(a, b)| {
                         !a.is_empty()
