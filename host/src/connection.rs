@@ -334,6 +334,16 @@ pub async fn serve(
                 .as_ref()
                 .map_or(Duration::from_secs(20), |k| k.timeout.get()),
         );
+    let extended_connect = conn_ctx
+        .listener
+        .cfg
+        .http
+        .as_ref()
+        .is_some_and(|h| h.extended_connect);
+    if extended_connect {
+        // RFC 8441: `:protocol` streams, proxied as upgrades (`proxy::handle`).
+        builder.http2().enable_connect_protocol();
+    }
     let builder = match alpn_h2 {
         Some(true) => builder.http2_only(),
         Some(false) => builder.http1_only(),

@@ -166,6 +166,8 @@ struct Outcome {
     /// The exchange was upgraded (a `101`) and its tunnel spliced: its line
     /// and latency wait for the tunnel's end ([`TunnelEnd`]).
     tunnel: Option<Rc<TunnelEnd>>,
+    /// The request is an HTTP/2 extended CONNECT ([`extended_connect`]).
+    extended_connect: bool,
     /// Why the upstream connection's TLS failed, when that failed the
     /// request: the access log's `upstream_transport_failure_reason`.
     transport_failure: Option<String>,
@@ -222,6 +224,10 @@ pub async fn handle(
     // upstream's own — closes the connection, lest those bytes be read as
     // the next request (smuggled past the route that answered).
     let tunnel_asked = is_upgrade(&req) && !offers_h2c(req.headers());
+    // RFC 8441: an HTTP/2 extended CONNECT (`http.extended_connect`), made
+    // the upgrade it asks for; its stream is the tunnel.
+    let mut req = req;
+    let extended = extended_connect(&mut req);
     // An HTTP/1.1 CONNECT (refused: see `proxy`): the client may send tunnel
     // bytes right after its head, so the refusal closes the connection too.
     let connect_h1 = req.method() == Method::CONNECT && version < Version::HTTP_2;
@@ -268,7 +274,9 @@ pub async fn handle(
             ))
         }
     });
-    let mut resp = match idle::within(proxy(&conn, req, out, tunnel_asked), &clock).await {
+    out.extended_connect = extended;
+    let upgrade = tunnel_asked || extended;
+    let mut resp = match idle::within(proxy(&conn, req, out, upgrade), &clock).await {
         Some(Ok(r)) => r,
         Some(Err(e)) => local_reply(&conn, out, e, version).await,
         None => {
@@ -287,6 +295,20 @@ pub async fn handle(
             local_reply(&conn, out, e, version).await
         }
     };
+    if extended && resp.status().is_success() && out.tunnel.is_none() {
+        // On an extended CONNECT stream a 2xx opens the tunnel (RFC 8441 §5;
+        // hyper sends it as one): only the upstream's switch may answer so.
+        // A direct response or a filter's local one of 2xx cannot.
+        let e = ProxyError::new(
+            Kind::UpgradeUnsupported,
+            format!(
+                "a {} answer to an upgrade that was not switched",
+                resp.status().as_u16()
+            ),
+        );
+        conn.listener.stats.upgrades_failed.inc();
+        resp = local_reply(&conn, out, e, version).await;
+    }
     if (tunnel_asked && resp.status() != StatusCode::SWITCHING_PROTOCOLS) || connect_h1 {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -411,11 +433,19 @@ pub async fn handle(
     if let Some(end) = done.as_mut().and_then(|d| d.out.tunnel.take()) {
         // An upgraded exchange ends with its tunnel, as Envoy's stream (and
         // nginx's line, written at the close): its line, latency and bytes
-        // wait for the splice to end. The connection no longer carries a
-        // request: its idle timeout watches the tunnel's bytes from here.
-        conn.activity.request_finished();
+        // wait for the splice to end. An HTTP/1.1 connection no longer
+        // carries a request: its idle timeout watches the tunnel's bytes from
+        // here. An HTTP/2 tunnel is one of the connection's streams, in
+        // flight until it ends (the connection is not idle meanwhile).
+        let h1 = version < Version::HTTP_2;
+        if h1 {
+            conn.activity.request_finished();
+        }
         if let Some(mut d) = done.take() {
-            d.connection_told = true;
+            d.connection_told = h1;
+            // Its bytes are the tunnel's (an HTTP/2 one opens with a 200 and
+            // no body): a tunnel that ends is not a response cut short.
+            d.framing = Framing::Bodiless;
             d.finish_filters();
             end.hold(d);
         }
@@ -961,7 +991,17 @@ async fn proxy(
         } else {
             matched.apply_request_headers(h, None);
         }
+        // The accept an extended CONNECT's WebSocket handshake expects.
+        let mut ws_accept = None;
         if let Some(token) = upgrade_token {
+            if out.extended_connect && token.as_bytes().eq_ignore_ascii_case(b"websocket") {
+                // RFC 8441 §5: an HTTP/2 client sends no key (the stream is
+                // its proof); the HTTP/1.1 upstream must prove it speaks
+                // WebSocket, so Legate makes the key and checks the answer.
+                let (key, accept) = websocket_key();
+                h.insert(SEC_WEBSOCKET_KEY.clone(), key);
+                ws_accept = Some(accept);
+            }
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, token);
         }
@@ -1158,7 +1198,27 @@ async fn proxy(
                 "101 Switching Protocols to a request that did not ask to upgrade",
             ));
         }
+        if out.extended_connect && !switching && resp.status().is_success() {
+            // A 2xx would open the client's tunnel (RFC 8441 §5) to an
+            // upstream that did not switch.
+            return Err(ProxyError::new(
+                Kind::UpgradeUnsupported,
+                format!(
+                    "the upstream answered the upgrade {} instead of 101",
+                    resp.status().as_u16()
+                ),
+            ));
+        }
         if switching {
+            if let Some(expected) = &ws_accept {
+                let got = resp.headers().get(&SEC_WEBSOCKET_ACCEPT);
+                if got.map(HeaderValue::as_bytes) != Some(expected.as_bytes()) {
+                    return Err(ProxyError::new(
+                        Kind::UpstreamProtocol,
+                        "the upstream's 101 has no Sec-WebSocket-Accept matching the key sent",
+                    ));
+                }
+            }
             if let Some(down) = downstream_upgrade {
                 let up = hyper::upgrade::on(&mut resp);
                 // The attempt stays in flight (`upstream_rq_active`,
@@ -1167,11 +1227,32 @@ async fn proxy(
                 let active = out.active.take();
                 let end = Rc::new(TunnelEnd::default());
                 out.tunnel = Some(end.clone());
-                conn.tunnel.set(Some(Tunnel {
-                    task: tokio::task::spawn_local(tunnel(down, up, active, end.clone())),
-                    end,
-                    idle: matched.route.idle_timeout,
-                }));
+                let task = tokio::task::spawn_local(tunnel(down, up, active, end.clone()));
+                if out.extended_connect {
+                    // One stream of the connection: its own idle timeout and
+                    // drain, which the connection's are not.
+                    let idle = matched
+                        .route
+                        .idle_timeout
+                        .unwrap_or(Some(listener.cfg.limits.idle_timeout.get()))
+                        .filter(|t| !t.is_zero());
+                    tokio::task::spawn_local(watch_stream_tunnel(
+                        Tunnel {
+                            task,
+                            end,
+                            idle: None,
+                        },
+                        idle,
+                        conn.listener.clone(),
+                        conn.worker.clone(),
+                    ));
+                } else {
+                    conn.tunnel.set(Some(Tunnel {
+                        task,
+                        end,
+                        idle: matched.route.idle_timeout,
+                    }));
+                }
             }
         }
         let received = resp.version();
@@ -1203,6 +1284,16 @@ async fn proxy(
             *resp.version_mut() = parts.version;
         }
         if switching {
+            if out.extended_connect {
+                // RFC 8441 §5: the stream's tunnel opens with a 200, without
+                // HTTP/1.1's switch headers.
+                *resp.status_mut() = StatusCode::OK;
+                let h = resp.headers_mut();
+                h.remove(header::UPGRADE);
+                h.remove(header::CONNECTION);
+                h.remove(&SEC_WEBSOCKET_ACCEPT);
+                h.remove(header::CONTENT_LENGTH);
+            }
             // The tunnel is already spliced; filters see upgraded exchanges' heads only
             // on the request side in this release.
             return Ok(resp);
@@ -2862,6 +2953,55 @@ fn retry_on_error(p: &RetryPolicy, e: &ProxyError, method: &Method) -> bool {
     }
 }
 
+/// RFC 8441 §4: an HTTP/2 `CONNECT` with `:protocol` (which hyper lets in
+/// only on a listener with `http.extended_connect`) asks for a tunnel of
+/// that protocol over its stream. It is made what an HTTP/1.1 upgrade is —
+/// `GET` with `Upgrade: PROTOCOL` and `Connection: upgrade` — so that routes,
+/// the upgrade rules, filters and the upstream see one. Whether it was one.
+fn extended_connect<B>(req: &mut Request<B>) -> bool {
+    if req.version() != Version::HTTP_2 || req.method() != Method::CONNECT {
+        return false;
+    }
+    let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>() else {
+        return false;
+    };
+    let Ok(token) = HeaderValue::from_str(protocol.as_str()) else {
+        // (Left a CONNECT: refused as one.)
+        return false;
+    };
+    *req.method_mut() = Method::GET;
+    let h = req.headers_mut();
+    h.insert(header::UPGRADE, token);
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    true
+}
+
+static SEC_WEBSOCKET_KEY: http::HeaderName = http::HeaderName::from_static("sec-websocket-key");
+static SEC_WEBSOCKET_ACCEPT: http::HeaderName =
+    http::HeaderName::from_static("sec-websocket-accept");
+
+/// A fresh `Sec-WebSocket-Key` (16 random bytes, base64) and the
+/// `Sec-WebSocket-Accept` an upstream that understood it answers (RFC 6455
+/// §4.2.2: base64 of SHA-1 of the key and the protocol's GUID).
+fn websocket_key() -> (HeaderValue, String) {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let accept = websocket_accept(&key);
+    // (Base64 is always a valid header value.)
+    let key = HeaderValue::from_str(&key).unwrap_or(HeaderValue::from_static(""));
+    (key, accept)
+}
+
+/// The `Sec-WebSocket-Accept` for `key` (RFC 6455 §4.2.2).
+fn websocket_accept(key: &str) -> String {
+    use base64::Engine as _;
+    let digest = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    );
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -3134,6 +3274,49 @@ async fn tunnel(
     }
 }
 
+/// Watches an HTTP/2 stream's tunnel (extended CONNECT) as the connection
+/// watches an HTTP/1.1 one: cut after `idle` without a byte either way (the
+/// route's `idle_timeout`, else the listener's; `None`: never), or
+/// `drain_timeout` after its listener stopped. The connection ends it too
+/// (its own drain, `max_connection_duration`, the client gone): its stream
+/// goes with it.
+async fn watch_stream_tunnel(
+    mut tunnel: Tunnel,
+    idle: Option<std::time::Duration>,
+    listener: Arc<crate::listener::ListenerCtx>,
+    worker: Rc<crate::worker::Worker>,
+) {
+    let drained = listener.drained(&worker.shared.snapshot);
+    tokio::pin!(drained);
+    tunnel.end.touch();
+    loop {
+        let deadline = idle.map(|t| tunnel.end.last_moved() + t);
+        tokio::select! {
+            _ = &mut tunnel.task => return,
+            () = &mut drained => {
+                tunnel.cut("drain_timeout");
+                return;
+            }
+            () = until(deadline) => {
+                if deadline.is_some_and(|d| d <= tokio::time::Instant::now())
+                    && idle.is_some_and(|t| tunnel.end.last_moved() + t <= tokio::time::Instant::now())
+                {
+                    tunnel.cut("idle_timeout");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `t`; forever without one.
+async fn until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The tunnel a connection became ([`crate::connection::ConnCtx::tunnel`]):
 /// the task splicing it, and its end, which the connection tells why it cut
 /// the tunnel.
@@ -3168,9 +3351,22 @@ struct TunnelEnd {
     cause: Cell<Option<&'static str>>,
     received: Cell<u64>,
     sent: Cell<u64>,
+    /// When a byte last moved through the client's side (HTTP/2 tunnels'
+    /// idle timeout, [`watch_stream_tunnel`]).
+    moved: Cell<Option<tokio::time::Instant>>,
 }
 
 impl TunnelEnd {
+    /// Bytes moved now.
+    fn touch(&self) {
+        self.moved.set(Some(tokio::time::Instant::now()));
+    }
+
+    /// When bytes last moved (or the tunnel opened).
+    fn last_moved(&self) -> tokio::time::Instant {
+        self.moved.get().unwrap_or_else(tokio::time::Instant::now)
+    }
+
     /// Holds the exchange until the tunnel ends; if it already did (its
     /// upgrade failed), the exchange ends now.
     fn hold(&self, done: Done) {
@@ -3234,8 +3430,11 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before) as u64;
-        let received = &self.end.received;
-        received.set(received.get().saturating_add(n));
+        if n > 0 {
+            let received = &self.end.received;
+            received.set(received.get().saturating_add(n));
+            self.end.touch();
+        }
         r
     }
 }
@@ -3250,6 +3449,9 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
         if let Poll::Ready(Ok(n)) = &r {
             let sent = &self.end.sent;
             sent.set(sent.get().saturating_add(*n as u64));
+            if *n > 0 {
+                self.end.touch();
+            }
         }
         r
     }
@@ -3996,6 +4198,19 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn websocket_accept_is_rfc_6455s() {
+        // RFC 6455 §1.3's example.
+        assert_eq!(
+            websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        let (key, accept) = websocket_key();
+        assert_eq!(key.len(), 24);
+        assert_eq!(accept, websocket_accept(key.to_str().unwrap()));
+        assert_ne!(websocket_key().0, key);
+    }
+
     use super::*;
 
     fn exchange(version: Version, host: Option<&'static str>, authority: &str) -> Exchange {

@@ -62,8 +62,9 @@ pub use legate::{legate, LegateBuilder, LegateHandle};
 pub use stats::{assert_families_documented, parse_prometheus};
 pub use upstream::{
     authz_upstream, checksum, echo, endless_tcp_server, grpc_echo, grpc_frame, health_checked,
-    pattern_bytes, sink, source, tcp_echo_server, upgrade_echo_server, upstream, BoxBody, BoxError,
-    ConnInfo, Counter, EchoBody, TcpEchoHandle, TlsInfo, UpstreamBuilder, UpstreamHandle,
+    pattern_bytes, sink, source, tcp_echo_server, upgrade_echo_server, upstream,
+    websocket_echo_server, BoxBody, BoxError, ConnInfo, Counter, EchoBody, TcpEchoHandle, TlsInfo,
+    UpstreamBuilder, UpstreamHandle,
 };
 
 // Re-exported so tests need no direct dependency on them.

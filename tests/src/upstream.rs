@@ -886,7 +886,7 @@ impl Drop for TcpEchoHandle {
 
 /// A TCP echo server on 127.0.0.1:0: every byte received is sent back.
 pub async fn tcp_echo_server() -> TcpEchoHandle {
-    raw_server(false).await
+    raw_server(Raw::Echo).await
 }
 
 /// An HTTP/1.1 server on 127.0.0.1:0 that answers any request carrying `Upgrade` with
@@ -894,7 +894,26 @@ pub async fn tcp_echo_server() -> TcpEchoHandle {
 /// `Sec-WebSocket-Accept`-shaped header) and then echoes bytes; requests without
 /// `Upgrade` get `400`. Request heads are recorded in [`TcpEchoHandle::heads`].
 pub async fn upgrade_echo_server() -> TcpEchoHandle {
-    raw_server(true).await
+    raw_server(Raw::Upgrade).await
+}
+
+/// [`upgrade_echo_server`] answering a WebSocket key with the real RFC 6455
+/// `Sec-WebSocket-Accept` (base64 of the SHA-1 of the key and the GUID), as
+/// a WebSocket server does: for a proxy that checks it (RFC 8441 upgrades).
+pub async fn websocket_echo_server() -> TcpEchoHandle {
+    raw_server(Raw::WebSocket).await
+}
+
+/// What a [`raw_server`] is.
+#[derive(Clone, Copy, PartialEq)]
+enum Raw {
+    /// Echoes bytes from the start.
+    Echo,
+    /// Answers an upgrade with `101` (a WebSocket key with a made-up accept
+    /// that tests can spot), then echoes.
+    Upgrade,
+    /// The same, with the real accept.
+    WebSocket,
 }
 
 /// A TCP server on 127.0.0.1:0 that sends an endless stream of
@@ -915,7 +934,7 @@ pub async fn endless_tcp_server() -> SocketAddr {
     addr
 }
 
-async fn raw_server(upgrade: bool) -> TcpEchoHandle {
+async fn raw_server(kind: Raw) -> TcpEchoHandle {
     let rt = runtime();
     let (listener, addr) = bind_on_runtime(SocketAddr::from(([127, 0, 0, 1], 0)), "echo");
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -944,7 +963,7 @@ async fn raw_server(upgrade: bool) -> TcpEchoHandle {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = raw_conn(tcp, upgrade, bytes, heads) => { closed.inc(); }
+                    _ = raw_conn(tcp, kind, bytes, heads) => { closed.inc(); }
                     _ = stop.wait_for(|s| *s) => {}
                 }
             });
@@ -953,15 +972,10 @@ async fn raw_server(upgrade: bool) -> TcpEchoHandle {
     h
 }
 
-async fn raw_conn(
-    mut tcp: TcpStream,
-    upgrade: bool,
-    bytes: Counter,
-    heads: Arc<Mutex<Vec<String>>>,
-) {
+async fn raw_conn(mut tcp: TcpStream, kind: Raw, bytes: Counter, heads: Arc<Mutex<Vec<String>>>) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending = Vec::new();
-    if upgrade {
+    if kind != Raw::Echo {
         // Read the request head.
         let head_end = loop {
             match tcp.read(&mut buf).await {
@@ -996,8 +1010,18 @@ async fn raw_conn(
             "HTTP/1.1 101 Switching Protocols\r\nupgrade: {proto}\r\nconnection: Upgrade\r\n"
         );
         if let Some(key) = header("sec-websocket-key") {
-            // Not the RFC 6455 hash (no SHA-1 here): tests check it is passed through.
-            resp.push_str(&format!("sec-websocket-accept: accept-{key}\r\n"));
+            let accept = if kind == Raw::WebSocket {
+                use base64::Engine as _;
+                let digest = ring::digest::digest(
+                    &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+                    format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+                );
+                base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+            } else {
+                // Not the RFC 6455 hash: tests check it is passed through.
+                format!("accept-{key}")
+            };
+            resp.push_str(&format!("sec-websocket-accept: {accept}\r\n"));
         }
         resp.push_str("\r\n");
         if tcp.write_all(resp.as_bytes()).await.is_err() {

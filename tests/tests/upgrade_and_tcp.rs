@@ -841,7 +841,8 @@ each_proto!(
 );
 
 /// HTTP/2 has no `Upgrade`; its WebSocket bootstrap (RFC 8441 extended
-/// CONNECT, `:protocol`) is not offered: the listener does not send
+/// CONNECT, `:protocol`) is not offered without `http.extended_connect`
+/// (tests/websocket_h2.rs has it on): the listener does not send
 /// `SETTINGS_ENABLE_CONNECT_PROTOCOL`, and a stream with `:protocol` is reset
 /// without reaching the upstream; the connection goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

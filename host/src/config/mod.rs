@@ -594,6 +594,14 @@ pub struct HttpListener {
     /// tunnelled (its upgrade headers are removed and the request is proxied).
     #[serde(default = "defaults::upgrades")]
     pub upgrades: Vec<String>,
+    /// Accept WebSocket (and the other allowed upgrades) over HTTP/2: RFC
+    /// 8441's extended CONNECT, advertised with `SETTINGS_ENABLE_CONNECT_PROTOCOL`
+    /// and forwarded to HTTP/1.1 upstreams as an upgrade. Default false, as
+    /// Envoy's `allow_connect`: a browser that sees the setting opens its
+    /// WebSockets on the HTTP/2 connection instead of its own HTTP/1.1 one,
+    /// which is worth choosing rather than getting with an upgrade.
+    #[serde(default)]
+    pub extended_connect: bool,
     /// RFC 3986 path normalization before filters and routes (`crate::path`):
     /// unreserved escapes decoded, dot segments removed. Default true, unlike
     /// Envoy's historic false: a route or filter that matches a path the
