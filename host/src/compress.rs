@@ -200,19 +200,20 @@ pub fn apply(
     if !varies {
         h.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
-    let Some(mut coding) = accepts else {
+    let Some(coding) = accepts else {
         if !head {
             stats.not_accepted.inc();
         }
         return;
     };
-    // Made before the head changes, so a coding whose encoder cannot start
-    // falls back to gzip with the right `content-encoding`.
+    // Made before the head changes, so that a coding whose encoder cannot
+    // start leaves the response as it is.
     let encoder = if head {
         None
     } else {
-        let (c, e) = encoder(cfg, coding);
-        coding = c;
+        let Some(e) = encoder(cfg, coding) else {
+            return;
+        };
         stats.compressed.inc();
         Some(e)
     };
@@ -247,30 +248,32 @@ pub fn apply(
     });
 }
 
-/// The encoder for `coding` with `cfg`'s settings, and the coding it is for:
-/// gzip's when a zstd context cannot be made (an allocation failure in the C
-/// library; the settings were validated at load).
-fn encoder(cfg: &Compression, coding: Coding) -> (Coding, Encoder) {
-    match (coding, &cfg.brotli, &cfg.zstd) {
-        (Coding::Brotli, Some(b), _) => {
-            return (
-                coding,
-                Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
-                    Vec::new(),
-                    BROTLI_BUFFER,
-                    b.quality.min(11),
-                    b.window_bits.clamp(10, 24),
-                ))),
-            )
-        }
+/// The encoder for `coding` (one `apply` made sure is offered) with `cfg`'s
+/// settings. `None` if libzstd refuses its settings, which validation at load
+/// rules out: the response then goes uncompressed (never in another coding
+/// than the one chosen, which the client may refuse).
+fn encoder(cfg: &Compression, coding: Coding) -> Option<Encoder> {
+    Some(match (coding, &cfg.brotli, &cfg.zstd) {
+        (Coding::Brotli, Some(b), _) => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
+            Vec::new(),
+            BROTLI_BUFFER,
+            b.quality.min(11),
+            b.window_bits.clamp(10, 24),
+        ))),
         (Coding::Zstd, _, Some(z)) => match zstd_encoder(z) {
-            Ok(e) => return (coding, Encoder::Zstd(Box::new(e))),
-            Err(e) => tracing::warn!("cannot start a zstd encoder, compressing with gzip: {e}"),
+            Ok(e) => Encoder::Zstd(Box::new(e)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot start a zstd encoder, sending the response uncompressed: {e}"
+                );
+                return None;
+            }
         },
-        _ => {}
-    }
-    let gzip = GzEncoder::new(Vec::new(), flate2::Compression::new(cfg.level.clamp(1, 9)));
-    (Coding::Gzip, Encoder::Gzip(gzip))
+        _ => Encoder::Gzip(GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::new(cfg.level.clamp(1, 9)),
+        )),
+    })
 }
 
 /// The brotli encoder's output staging buffer (what it hands to the `Vec` at

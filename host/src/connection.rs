@@ -56,6 +56,9 @@ pub struct ConnCtx {
     /// HTTP/1.1 connection, an HTTP/2 stream's task), which runs its stream
     /// idle timer after the head ([`crate::idle`]).
     pub streams: crate::idle::Current,
+    /// When `limits.max_connection_duration` ends the connection (closed
+    /// gracefully from then on; its tunnels `drain_timeout` later).
+    pub lifetime_end: Option<tokio::time::Instant>,
 }
 
 impl ConnCtx {
@@ -193,6 +196,11 @@ pub async fn serve(
         xfcc: std::cell::OnceCell::new(),
         tunnel: Cell::new(None),
         streams: crate::idle::Current::default(),
+        // `limits.max_connection_duration`: closed gracefully from then on,
+        // as a drain closes it.
+        lifetime_end: limits
+            .max_connection_duration
+            .map(|d| tokio::time::Instant::now() + d.get()),
     });
     // Set when the listener closes (drain, reload, hot restart): HTTP/1.1
     // responses then carry `Connection: close`, so a keep-alive client learns of
@@ -382,11 +390,7 @@ pub async fn serve(
     let health_failed = health_failed.wait_for(|f| *f);
     tokio::pin!(health_failed);
     let mut idle = limits.idle_timeout.get();
-    // `limits.max_connection_duration`: closed gracefully from then on, as a
-    // drain closes it.
-    let lifetime_end = limits
-        .max_connection_duration
-        .map(|d| tokio::time::Instant::now() + d.get());
+    let lifetime_end = conn_ctx.lifetime_end;
     // When the graceful shutdown started (idle, or a drain's GOAWAY). A peer
     // can leave it hanging: an HTTP/2 client that never answers the GOAWAY's
     // PING, or one that stopped reading, so that the GOAWAY or the last bytes

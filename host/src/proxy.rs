@@ -622,7 +622,7 @@ async fn proxy(
     }
     if req.method() == Method::CONNECT {
         // No route tunnels CONNECT (HTTP/1.1's, or HTTP/2's without
-        // `:protocol`; the HTTP/2 server does not offer extended CONNECT):
+        // `:protocol`; an extended one was made an upgrade in `handle`):
         // Envoy answers 404 when no route has a `connect_matcher`. Routed as
         // a plain request, it went upstream as `CONNECT / HTTP/1.1` and its
         // 200 looked like an open tunnel to the client.
@@ -1243,6 +1243,7 @@ async fn proxy(
                             idle: None,
                         },
                         idle,
+                        conn.lifetime_end,
                         conn.listener.clone(),
                         conn.worker.clone(),
                     ));
@@ -1264,12 +1265,14 @@ async fn proxy(
             && parts.version < Version::HTTP_2)
             .then(|| resp.headers().get(header::UPGRADE).cloned())
             .flatten();
+        // An HTTP/2 tunnel opens with a 200, which must not carry the 101's
+        // hop-by-hop fields (those `Connection` names included).
         finish_response_headers(
             &matched,
             http.via.as_deref(),
             received,
             resp.headers_mut(),
-            switching,
+            switching && !out.extended_connect,
         );
         if let Some(cookie) = out.set_cookie.take() {
             resp.headers_mut().append(header::SET_COOKIE, cookie);
@@ -1315,7 +1318,7 @@ pub(crate) fn upgrade_over_h2() -> ProxyError {
     ProxyError::new(
         Kind::UpgradeUnsupported,
         "the upstream connection is HTTP/2, which cannot carry an HTTP/1.1 upgrade \
-         (extended CONNECT, RFC 8441, is not supported)",
+         (Legate does not send extended CONNECT, RFC 8441, upstream)",
     )
 }
 
@@ -3276,18 +3279,22 @@ async fn tunnel(
 
 /// Watches an HTTP/2 stream's tunnel (extended CONNECT) as the connection
 /// watches an HTTP/1.1 one: cut after `idle` without a byte either way (the
-/// route's `idle_timeout`, else the listener's; `None`: never), or
-/// `drain_timeout` after its listener stopped. The connection ends it too
-/// (its own drain, `max_connection_duration`, the client gone): its stream
-/// goes with it.
+/// route's `idle_timeout`, else the listener's; `None`: never),
+/// `drain_timeout` after its listener stopped, or `drain_timeout` after its
+/// connection's `max_connection_duration` (`lifetime_end`): the connection,
+/// which counts the tunnel in flight, would not close under it. The client
+/// going away ends it too (the stream goes with the connection).
 async fn watch_stream_tunnel(
     mut tunnel: Tunnel,
     idle: Option<std::time::Duration>,
+    lifetime_end: Option<tokio::time::Instant>,
     listener: Arc<crate::listener::ListenerCtx>,
     worker: Rc<crate::worker::Worker>,
 ) {
     let drained = listener.drained(&worker.shared.snapshot);
     tokio::pin!(drained);
+    let lifetime_cut =
+        lifetime_end.map(|end| end + worker.shared.snapshot.load().config.drain_timeout.get());
     tunnel.end.touch();
     loop {
         let deadline = idle.map(|t| tunnel.end.last_moved() + t);
@@ -3295,6 +3302,10 @@ async fn watch_stream_tunnel(
             _ = &mut tunnel.task => return,
             () = &mut drained => {
                 tunnel.cut("drain_timeout");
+                return;
+            }
+            () = until(lifetime_cut) => {
+                tunnel.cut("max_connection_duration");
                 return;
             }
             () = until(deadline) => {

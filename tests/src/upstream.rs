@@ -900,6 +900,8 @@ pub async fn upgrade_echo_server() -> TcpEchoHandle {
 /// [`upgrade_echo_server`] answering a WebSocket key with the real RFC 6455
 /// `Sec-WebSocket-Accept` (base64 of the SHA-1 of the key and the GUID), as
 /// a WebSocket server does: for a proxy that checks it (RFC 8441 upgrades).
+/// Its `101` also has `x-hop: secret`, a field its `Connection` names
+/// (hop-by-hop: a proxy must not pass it on).
 pub async fn websocket_echo_server() -> TcpEchoHandle {
     raw_server(Raw::WebSocket).await
 }
@@ -1022,6 +1024,9 @@ async fn raw_conn(mut tcp: TcpStream, kind: Raw, bytes: Counter, heads: Arc<Mute
                 format!("accept-{key}")
             };
             resp.push_str(&format!("sec-websocket-accept: {accept}\r\n"));
+            if kind == Raw::WebSocket {
+                resp.push_str("connection: x-hop\r\nx-hop: secret\r\n");
+            }
         }
         resp.push_str("\r\n");
         if tcp.write_all(resp.as_bytes()).await.is_err() {

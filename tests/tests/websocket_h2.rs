@@ -125,6 +125,7 @@ async fn a_websocket_over_h2_is_tunnelled_to_an_http1_upstream() {
         "connection",
         "sec-websocket-accept",
         "content-length",
+        "x-hop",
     ] {
         assert!(headers.get(h).is_none(), "{h} on the 200: {headers:?}");
     }
@@ -367,4 +368,47 @@ async fn a_reload_closes_an_h2_tunnel_of_the_replaced_listener() {
     })
     .await;
     assert_eq!(line["cause"], "drain_timeout", "{line}");
+}
+
+/// The connection's `max_connection_duration` cuts its HTTP/2 tunnels
+/// `drain_timeout` later, as it does an HTTP/1.1 tunnel (the connection
+/// counts the tunnel in flight and would not close under it), logged with
+/// cause `max_connection_duration`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_duration_bounds_an_h2_tunnel() {
+    let up = websocket_echo_server().await;
+    let dir = TempDir::new();
+    let log = dir.path().join("access.log");
+    let cfg = config(up.addr, "")
+        .replacen(
+            "version: 1\n",
+            &format!(
+                "version: 1\ndrain_timeout: 300ms\naccess_log:\n  path: {}\n",
+                log.display()
+            ),
+            1,
+        )
+        .replace(
+            "      extended_connect: true\n",
+            "      extended_connect: true\n    limits:\n      max_connection_duration: 1s\n",
+        );
+    let lg = legate().config(&cfg).start();
+    let mut send = h2(lg.addr("web")).await;
+    let (status, _, io) = open(&mut send, connect("/chat", "websocket")).await;
+    assert_eq!(status, 200);
+    let mut io = io.unwrap();
+    echo(&mut io, b"before").await;
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(HANG_GUARD, io.read(&mut buf))
+        .await
+        .expect("the tunnel outliving its connection's duration closes");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let line = eventually(HANG_GUARD, "the tunnel's line", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|v| v["path"] == "/chat")
+    })
+    .await;
+    assert_eq!(line["cause"], "max_connection_duration", "{line}");
 }

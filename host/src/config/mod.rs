@@ -655,7 +655,7 @@ pub struct Compression {
     #[serde(default = "defaults::compression_level")]
     pub level: u32,
     /// Brotli too, for clients that accept it (preferred over gzip at equal
-    /// weight: smaller); absent = gzip only.
+    /// weight: smaller); absent = not offered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brotli: Option<Brotli>,
     /// zstd too, for clients that accept it (preferred over brotli and gzip
