@@ -496,12 +496,9 @@ fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::POST, "/reopen_logs") => {
             // As Envoy's endpoint of that name (and SIGUSR1): after logrotate
             // moved the access log away.
-            match &shared.access_log {
-                Some(log) => {
-                    log.reopen();
-                    text(StatusCode::OK, "reopening the access log\n")
-                }
-                None => text(StatusCode::OK, "no access log\n"),
+            match shared.log_writers.reopen() {
+                0 => text(StatusCode::OK, "no access log\n"),
+                _ => text(StatusCode::OK, "reopening the access log\n"),
             }
         }
         (_, "/reopen_logs") => with_allow(

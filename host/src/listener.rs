@@ -300,6 +300,10 @@ pub struct ListenerCtx {
     open: Arc<AtomicUsize>,
     /// Counters.
     pub stats: ListenerStats,
+    /// The access logs its requests and sessions are written to (its own or
+    /// the top level's, [`crate::access_log::for_listener`]); `None`: none,
+    /// and no line is built.
+    pub access_log: Option<Arc<crate::access_log::Logs>>,
     /// Turns true when this listener stops: the process drains, or a reload removed
     /// or replaced it. Accept loops stop; its connections close gracefully.
     closing: watch::Sender<bool>,
@@ -316,9 +320,10 @@ impl ListenerCtx {
     pub fn bind(
         cfg: &config::Listener,
         stats: &Stats,
+        logs: Option<Arc<crate::access_log::Logs>>,
     ) -> anyhow::Result<(Self, std::net::TcpListener)> {
         let socket = bind_socket(cfg)?;
-        let ctx = Self::adopt(cfg, stats, &socket)?;
+        let ctx = Self::adopt(cfg, stats, &socket, logs)?;
         Ok((ctx, socket))
     }
 
@@ -328,6 +333,7 @@ impl ListenerCtx {
         cfg: &config::Listener,
         stats: &Stats,
         socket: &std::net::TcpListener,
+        logs: Option<Arc<crate::access_log::Logs>>,
     ) -> anyhow::Result<Self> {
         socket.set_nonblocking(true)?;
         let local_addr = socket.local_addr()?;
@@ -340,6 +346,7 @@ impl ListenerCtx {
             tls_files: std::sync::Mutex::new(files),
             open: Arc::default(),
             stats: ListenerStats::new(stats, cfg.name.as_str()),
+            access_log: logs,
             closing: watch::channel(false).0,
             retired: ArcSwapOption::empty(),
             serving: AtomicUsize::new(0),
@@ -392,8 +399,9 @@ impl ListenerCtx {
         stats: &Stats,
         socket: &std::net::TcpListener,
         previous: &ListenerCtx,
+        logs: Option<Arc<crate::access_log::Logs>>,
     ) -> anyhow::Result<Self> {
-        let mut ctx = Self::adopt(cfg, stats, socket)?;
+        let mut ctx = Self::adopt(cfg, stats, socket, logs)?;
         ctx.open = previous.open.clone();
         Ok(ctx)
     }

@@ -463,9 +463,9 @@ fn run(
                 _ = usr1.recv() => {
                     // The lines waiting go to the old file first (moved away
                     // by logrotate), then the path is opened again.
-                    if let Some(log) = &shared.access_log {
-                        tracing::info!("SIGUSR1: reopening the access log");
-                        log.reopen();
+                    let n = shared.log_writers.reopen();
+                    if n > 0 {
+                        tracing::info!("SIGUSR1: reopening the access logs ({n} destinations)");
                     }
                     continue;
                 }
@@ -511,9 +511,7 @@ fn run(
             }
             tracing::warn!("second signal: stopping now, without waiting for the drain");
             // The lines of the requests that ended are written out first.
-            if let Some(log) = &shared.access_log {
-                log.close();
-            }
+            shared.log_writers.close();
             std::process::exit(1);
         }
     });

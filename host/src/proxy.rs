@@ -208,8 +208,7 @@ pub async fn handle(
     // ends the request as a 499 `downstream_disconnect`, logged and counted.
     // What only the access log needs, taken only when there is one.
     let logged = conn
-        .worker
-        .shared
+        .listener
         .access_log
         .as_ref()
         .map(|log| Box::new(Logged::of(&req, log.wants())));
@@ -1185,7 +1184,7 @@ async fn proxy(
             return answer_locally(out, lr, &matched, http.via.as_deref()).await;
         }
         let mut resp = result?;
-        if out.debug.on || conn.worker.shared.access_log.is_some() {
+        if out.debug.on || conn.listener.access_log.is_some() {
             out.upstream_head_at = Some(Instant::now());
         }
 
@@ -3926,7 +3925,7 @@ impl Drop for Done {
             self.conn.activity.request_finished();
         }
         self.report_span(elapsed);
-        if let (Some(log), Some(l)) = (&self.conn.worker.shared.access_log, &self.logged) {
+        if let (Some(log), Some(l)) = (&self.conn.listener.access_log, &self.logged) {
             let o = &self.out;
             // (Formatted again: only a request without an authority pays.)
             let local = o
@@ -3982,7 +3981,7 @@ impl Drop for Done {
 impl Done {
     /// Keeps the response fields a configured access-log format reads.
     fn log_response_fields(&mut self, headers: &http::HeaderMap) {
-        if let (Some(log), Some(l)) = (&self.conn.worker.shared.access_log, &mut self.logged) {
+        if let (Some(log), Some(l)) = (&self.conn.listener.access_log, &mut self.logged) {
             if !log.wants().response.is_empty() {
                 l.response = access_log::format::capture(&log.wants().response, headers);
             }
@@ -4075,7 +4074,7 @@ pub(crate) fn hyper_reply(e: &hyper::Error) -> Option<(StatusCode, &'static str)
 /// was never parsed (no method, path, protocol, authority or agent; no body
 /// either way: hyper's answer is a head).
 pub(crate) fn log_hyper_reply(conn: &ConnCtx, status: StatusCode, cause: &'static str) {
-    let Some(log) = &conn.worker.shared.access_log else {
+    let Some(log) = &conn.listener.access_log else {
         return;
     };
     let now = SystemTime::now();
@@ -4168,7 +4167,7 @@ impl Watch for Done {
             crate::proxy_headers::strip_hop_by_hop(t);
             // The last frame: hyper may drop the body without polling its end.
             self.ended = true;
-            if let (Some(log), Some(l)) = (&self.conn.worker.shared.access_log, &mut self.logged) {
+            if let (Some(log), Some(l)) = (&self.conn.listener.access_log, &mut self.logged) {
                 if !log.wants().trailers.is_empty() {
                     l.trailers = access_log::format::capture(&log.wants().trailers, t);
                 }

@@ -922,6 +922,17 @@ fn plan_listeners(
             kept.push(l.name.to_string());
             continue;
         }
+        // Its access logs: its own, opened (a destination in use keeps its
+        // writer), or the top-level ones in force.
+        let logs = || {
+            crate::access_log::for_listener(
+                l,
+                shared.access_log.as_ref(),
+                &shared.log_writers,
+                &shared.stats,
+            )
+            .map_err(|e| at("access_log", format!("{e:#}")))
+        };
         // The same address string (a rename, or other settings): keep the socket,
         // so no connection waiting in its backlog is refused.
         // Another name's socket only if no listener of that name keeps that
@@ -948,7 +959,7 @@ fn plan_listeners(
                         format!("listener `{}`: duplicating its socket: {e}", l.name),
                     )
                 })?;
-                let ctx = ListenerCtx::succeed(l, &shared.stats, &socket, &b.ctx)
+                let ctx = ListenerCtx::succeed(l, &shared.stats, &socket, &b.ctx, logs()?)
                     .map_err(|e| at("tls", format!("listener `{}`: {e:#}", l.name)))?;
                 changed.push(l.name.to_string());
                 Bound {
@@ -957,7 +968,7 @@ fn plan_listeners(
                 }
             }
             None => {
-                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats).map_err(|e| {
+                let (ctx, socket) = ListenerCtx::bind(l, &shared.stats, logs()?).map_err(|e| {
                     let own = l.address.value.parse::<SocketAddr>().ok().and_then(|want| {
                         current
                             .iter()
@@ -1255,8 +1266,14 @@ fn refilter_listeners(
             .socket
             .try_clone()
             .map_err(|e| format!("listener `{name}`: duplicating its socket: {e}"))?;
-        let ctx = ListenerCtx::succeed(&b.ctx.cfg, &shared.stats, &socket, &b.ctx)
-            .map_err(|e| format!("listener `{name}`: {e:#}"))?;
+        let ctx = ListenerCtx::succeed(
+            &b.ctx.cfg,
+            &shared.stats,
+            &socket,
+            &b.ctx,
+            b.ctx.access_log.clone(),
+        )
+        .map_err(|e| format!("listener `{name}`: {e:#}"))?;
         changed.push(name.to_string());
         next.push(Arc::new(Bound {
             ctx: Arc::new(ctx),

@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
-use crate::access_log::AccessLog;
+use crate::access_log;
 use crate::cluster::Cluster;
 use crate::config::{Config, Name};
 use crate::filter::{FilterKey, HttpFilter};
@@ -414,8 +414,12 @@ pub struct Shared {
     /// ([`ProcessOptions::serves_upgrade_socket`]); cleared by whoever serves
     /// it once it is served or failed to be.
     pub upgrade_socket_pending: std::sync::atomic::AtomicBool,
-    /// The access log, if configured.
-    pub access_log: Option<AccessLog>,
+    /// The top-level access logs, if configured: what a listener without its
+    /// own `access_log` writes (not reloadable).
+    pub access_log: Option<Arc<access_log::Logs>>,
+    /// Every access-log writer, by destination (top level's and listeners',
+    /// shared by logs of one path): reopened by SIGUSR1, closed at exit.
+    pub log_writers: access_log::Writers,
     /// Finished spans waiting for the collector, and the tracing counters
     /// (`crate::trace`); idle without a `tracing` section.
     pub tracer: crate::trace::Tracer,
@@ -654,8 +658,14 @@ pub fn check(config: Arc<Config>) -> anyhow::Result<()> {
         let l = &l.value;
         ListenerCtx::load_tls(l).with_context(|| format!("listener `{}`", l.name))?;
     }
-    if let Some(a) = &config.access_log {
-        AccessLog::check(a)?;
+    let listener_logs = config
+        .listeners
+        .iter()
+        .filter_map(|l| l.value.access_log.as_ref());
+    for logs in config.access_log.iter().chain(listener_logs) {
+        for log in logs.logs() {
+            access_log::check(log)?;
+        }
     }
     Snapshot::build(config.clone())
         .map(|_| ())
@@ -716,10 +726,9 @@ pub fn start_with(
     if let Some(carried) = &process.inherited_stats {
         crate::hot_restart::absorb_clusters(&snapshot, carried, None);
     }
-    let access_log = match &config.access_log {
-        Some(a) => Some(AccessLog::open(a, &stats)?),
-        None => None,
-    };
+    let log_writers = access_log::Writers::default();
+    let top_logs = config.access_log.as_ref().map_or(&[][..], |a| a.logs());
+    let access_log = access_log::Logs::open(top_logs, &log_writers, &stats)?;
 
     let hot_restart = !process.inherited.is_empty() || process.inherited_admin.is_some();
     let mut inherited = process.inherited;
@@ -727,9 +736,10 @@ pub fn start_with(
     let mut bound = Vec::new();
     for l in &config.listeners {
         let l = &l.value;
+        let logs = access_log::for_listener(l, access_log.as_ref(), &log_writers, &stats)?;
         let b = match take_inherited(&mut inherited, &config, l) {
             Some(socket) => {
-                let ctx = ListenerCtx::adopt(l, &stats, &socket).with_context(|| {
+                let ctx = ListenerCtx::adopt(l, &stats, &socket, logs).with_context(|| {
                     format!("listener `{}` on {} (inherited)", l.name, l.address.value)
                 })?;
                 Bound {
@@ -738,7 +748,7 @@ pub fn start_with(
                 }
             }
             _ => {
-                let (ctx, socket) = ListenerCtx::bind(l, &stats).with_context(|| {
+                let (ctx, socket) = ListenerCtx::bind(l, &stats, logs).with_context(|| {
                     let own = l.address.value.parse::<SocketAddr>().ok().and_then(|want| {
                         inherited.iter().find_map(|(name, (_, s))| {
                             let at = s.local_addr().ok()?;
@@ -836,6 +846,7 @@ pub fn start_with(
         health_check_failed: watch::channel(false).0,
         upgrade_socket_pending: process.serves_upgrade_socket.into(),
         access_log,
+        log_writers,
         tracer: crate::trace::Tracer::new(stats.clone()),
         listeners,
         reloader,
@@ -1048,9 +1059,7 @@ impl Handle {
         // Workers write the last lines as their connections end (cut ones
         // included); with them gone, the log's buffer is complete: write it out
         // before the process exits.
-        if let Some(log) = &self.shared.access_log {
-            log.close();
-        }
+        self.shared.log_writers.close();
         self.admin_stop.notify_one();
         if let Some(a) = self.admin_thread.take() {
             let _ = a.join();

@@ -91,7 +91,7 @@ struct Session<'a> {
 
 impl Session<'_> {
     /// Writes the line, if there is an access log.
-    fn log(self, log: Option<&access_log::AccessLog>) {
+    fn log(self, log: Option<&access_log::Logs>) {
         let Some(log) = log else { return };
         let (rx, tx) = self.activity.as_ref().map_or((0, 0), |a| a.bytes());
         log.write(&access_log::Line {
@@ -292,7 +292,7 @@ pub async fn serve(
     // A TLS handshake that failed logs nothing (counted in `tls_errors`), as
     // an HTTP connection closed without a request does not.
     if run(&worker, &ctx, stream, local, original_dst, &mut session).await {
-        session.log(worker.shared.access_log.as_ref());
+        session.log(ctx.access_log.as_deref());
     }
 }
 
@@ -317,7 +317,7 @@ async fn run(
     // Looked up once; the facts filters see are gathered only when there are
     // filters, so the plain path makes no extra syscall or allocation.
     let filters = snapshot.network.get(&ctx.name);
-    let logged = worker.shared.access_log.is_some();
+    let logged = ctx.access_log.is_some();
     let downstream = match ctx.tls.load_full() {
         None => Conn::Plain(stream),
         Some(server_tls) => {

@@ -208,6 +208,16 @@ pub fn capture(names: &[HeaderName], map: &HeaderMap) -> Box<[Option<String>]> {
 /// argument), with the JSON key path of the value for `json_format`.
 pub fn parse(cfg: &Cfg) -> Result<(Format, Wants), FormatError> {
     let mut wants = Wants::default();
+    let format = parse_into(cfg, &mut wants)?;
+    Ok((format, wants))
+}
+
+/// A format the config describes, whose header fields are added to `wants`
+/// (the union of several logs' fields: its operators index into it).
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_into(cfg: &Cfg, wants: &mut Wants) -> Result<Format, FormatError> {
     let format = match (&cfg.format, &cfg.json_format) {
         (Some(text), _) => {
             let text = text.strip_suffix('\n').unwrap_or(text);
@@ -229,12 +239,12 @@ pub fn parse(cfg: &Cfg) -> Result<(Format, Wants), FormatError> {
                         .into(),
                 });
             }
-            Format::Text(template(text, &mut wants).map_err(FormatError::plain)?)
+            Format::Text(template(text, wants).map_err(FormatError::plain)?)
         }
-        (None, Some(json)) => Format::Json(object(json, &mut wants, &mut Vec::new())?),
+        (None, Some(json)) => Format::Json(object(json, wants, &mut Vec::new())?),
         (None, None) => Format::Default,
     };
-    Ok((format, wants))
+    Ok(format)
 }
 
 /// Why a format does not parse.

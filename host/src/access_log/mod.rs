@@ -1,17 +1,23 @@
-//! The access log: one line per request (a JSON object, or a line in a format of
-//! the config's: [`format`]), to stdout, stderr or a file.
+//! The access logs: one line per request (a JSON object, or a line in a format
+//! of the config's: [`format`]), to stdout, stderr or a file; a listener writes
+//! its own logs (`listeners[].access_log`) or the top-level ones, each log
+//! whose filter passes the line ([`Logs`]).
 //!
-//! Workers never write it. [`AccessLog::write`] formats the line and appends it to
-//! a shared buffer under a short lock; one writer thread (`legate-access-log`, a
-//! plain thread, not a worker) writes the buffer out every `flush_interval`, or as
-//! soon as [`FLUSH_BYTES`] are waiting, as Envoy's file access log does. So a slow
-//! disk or a stdout pipe nobody reads holds up the log, never a request. The memory
+//! Workers never write a file. [`Logs::write`] formats the line and appends
+//! it to a [`Writer`]'s buffer under a short lock; one writer thread per
+//! destination (`legate-access-log`, a plain thread, not a worker) writes the
+//! buffer out every `flush_interval`, or as soon as [`FLUSH_BYTES`] are
+//! waiting, as Envoy's file access log does. Logs writing the same path share
+//! that writer ([`Writers`]): one file handle, lines whole. So a slow disk
+//! or a stdout pipe nobody reads holds up the log, never a request. The memory
 //! is bounded: past `buffer_limit` new lines are dropped and counted
-//! (`legate_access_log_dropped_total`). [`AccessLog::close`] writes what is left
-//! when the process stops. A file is opened for append, so logrotate's
-//! `copytruncate` works; [`AccessLog::reopen`] (SIGUSR1, `POST /reopen_logs`,
-//! as Envoy and nginx) opens the path again after the lines waiting are
-//! written, for logrotate's default `create` (move, then signal).
+//! (`legate_access_log_dropped_total`). [`Writers::close`] writes what is left
+//! when the process stops; a writer no log uses any more (a reload replaced
+//! its listener) writes its last lines and ends by itself. A file is opened
+//! for append, so logrotate's `copytruncate` works; [`Writers::reopen`]
+//! (SIGUSR1, `POST /reopen_logs`, as Envoy and nginx) opens every path again
+//! after the lines waiting are written, for logrotate's default `create`
+//! (move, then signal).
 //!
 //! HTTP requests (`proxy.rs`) and TCP proxy sessions (`tcp_proxy.rs`, one line
 //! per connection at its end, `protocol` `"TCP"`) write the same [`Line`];
@@ -23,7 +29,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -42,7 +48,7 @@ pub const FLUSH_BYTES: usize = 64 * 1024;
 /// What the kernel writes to a pipe in one piece (POSIX `PIPE_BUF` on Linux).
 const PIPE_BUF: usize = 4096;
 
-/// How long [`AccessLog::close`] waits for the writer to finish; a writer blocked
+/// How long [`Writers::close`] waits for the writer to finish; a writer blocked
 /// longer (a pipe nobody reads) must not keep the process from exiting.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -249,17 +255,69 @@ pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
-/// Where access-log lines go.
-pub struct AccessLog {
+/// One writer thread and its destination (`stdout`, `stderr` or a file),
+/// shared by every configured log that writes there ([`Writers`]): one file
+/// handle, one buffer, so the lines of two logs never mix mid-line.
+pub struct Writer {
     shared: Arc<Buffered>,
+    /// `flush_interval` and `buffer_limit`: logs share a writer only when these
+    /// agree (`validate` refuses a config whose logs of one path differ).
+    settings: (Duration, usize),
+    /// The writer thread and the channel it closes when it ends; taken by `close`.
+    thread: Mutex<Option<Thread>>,
+    /// Where a writer whose last log went away leaves its thread to finish,
+    /// so the process's exit waits for its last lines ([`Writers::close`]).
+    registry: Weak<Mutex<Registry>>,
+}
+
+/// A writer thread, and the channel it closes when it ends.
+type Thread = (JoinHandle<()>, mpsc::Receiver<()>);
+
+/// The writers of the process, by destination ([`destination`]): logs of
+/// every listener, and of configs a reload put in force, writing one path
+/// share one [`Writer`]. A reload that keeps a path keeps its writer (the file
+/// is not opened again).
+#[derive(Default)]
+pub struct Writers(Arc<Mutex<Registry>>);
+
+#[derive(Default)]
+struct Registry {
+    /// The writers in use.
+    open: std::collections::HashMap<String, Weak<Writer>>,
+    /// Threads of writers no log uses any more, writing their last lines.
+    closing: Vec<Thread>,
+}
+
+/// One configured log: where its lines go, how they are written, which ones.
+pub struct AccessLog {
+    writer: Arc<Writer>,
     /// How lines are written (`format`, `json_format`, or the default JSON).
     format: format::Format,
-    /// The header fields the format reads.
-    wants: format::Wants,
     /// Which lines are written (`filter`); `None` = every line.
     filter: Option<config::AccessLogFilter>,
-    /// The writer thread and the channel it closes when it ends; taken by `close`.
-    writer: Mutex<Option<(JoinHandle<()>, mpsc::Receiver<()>)>>,
+}
+
+/// The logs a listener writes (its own, or the top-level ones): every log
+/// whose filter passes gets the line.
+pub struct Logs {
+    logs: Vec<AccessLog>,
+    /// The header fields any of the formats reads: the union, which each
+    /// format's operators index into.
+    wants: format::Wants,
+}
+
+/// The key of a log's destination: its path with `.` and repeated `/`
+/// taken out (`stdout` and `stderr` as they are). Logs with one key share one
+/// writer.
+pub fn destination(path: &str) -> String {
+    if matches!(path, "stdout" | "stderr") {
+        return path.to_string();
+    }
+    std::path::Path::new(path)
+        .components()
+        .collect::<PathBuf>()
+        .display()
+        .to_string()
 }
 
 /// What the workers and the writer share.
@@ -478,7 +536,7 @@ fn is_regular(fd: BorrowedFd<'_>) -> bool {
         .is_ok_and(|m| m.is_file())
 }
 
-/// Why [`AccessLog::check`] finds that the access log could not be opened.
+/// Why [`check`] finds that the access log could not be opened.
 #[derive(Debug)]
 pub struct CheckError {
     /// The file does not exist and neither does its directory (else the file
@@ -495,75 +553,75 @@ impl std::fmt::Display for CheckError {
 
 impl std::error::Error for CheckError {}
 
-impl AccessLog {
-    /// Whether [`AccessLog::open`] would open `cfg`'s file (`legate check`):
-    /// an existing file must open for appending (it is not truncated); a new
-    /// one is created, as `nginx -t` does, and removed again, so a directory
-    /// Legate may not write in (or a file system that takes no new files, such
-    /// as `/proc`) fails here rather than at start. An existing FIFO is opened
-    /// without waiting for its reader.
-    pub fn check(cfg: &config::AccessLog) -> Result<(), CheckError> {
-        let p = std::path::Path::new(cfg.path.as_str());
-        if matches!(cfg.path.as_str(), "stdout" | "stderr") {
-            return Ok(());
-        }
-        let cannot = |e: io::Error| CheckError {
-            no_directory: false,
-            message: format!("cannot open access log `{}`: {e}", p.display()),
-        };
-        if let Ok(meta) = std::fs::metadata(p) {
-            if meta.file_type().is_fifo() {
-                // Opening a FIFO for writing waits for a reader (`run` does, as
-                // nginx): `check` must not hang on a log shipper not started
-                // yet. Without waiting, the permission is checked first, then
-                // the lack of a reader is `ENXIO`, which `run` would wait out.
-                return match OpenOptions::new()
-                    .append(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(p)
-                {
-                    Err(e) if e.raw_os_error() != Some(libc::ENXIO) => Err(cannot(e)),
-                    _ => Ok(()),
-                };
-            }
-            OpenOptions::new().append(true).open(p).map_err(cannot)?;
-            return Ok(());
-        }
-        let dir = p
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        if !dir.is_dir() {
-            return Err(CheckError {
-                no_directory: true,
-                message: format!(
-                    "cannot open access log `{}`: directory `{}` does not exist",
-                    p.display(),
-                    dir.display()
-                ),
-            });
-        }
-        match OpenOptions::new().append(true).create_new(true).open(p) {
-            // Ours (`create_new`): removed, so `check` leaves nothing behind.
-            Ok(_) => {
-                let _ = std::fs::remove_file(p);
-                Ok(())
-            }
-            // Created meanwhile by someone else: it must open as it is.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                OpenOptions::new().append(true).open(p).map_err(cannot)?;
-                Ok(())
-            }
-            Err(e) => Err(CheckError {
-                no_directory: false,
-                message: format!("cannot create access log `{}`: {e}", p.display()),
-            }),
-        }
+/// Whether [`Writers::open`] would open `cfg`'s file (`legate check`):
+/// an existing file must open for appending (it is not truncated); a new
+/// one is created, as `nginx -t` does, and removed again, so a directory
+/// Legate may not write in (or a file system that takes no new files, such
+/// as `/proc`) fails here rather than at start. An existing FIFO is opened
+/// without waiting for its reader.
+pub fn check(cfg: &config::AccessLog) -> Result<(), CheckError> {
+    let p = std::path::Path::new(cfg.path.as_str());
+    if matches!(cfg.path.as_str(), "stdout" | "stderr") {
+        return Ok(());
     }
+    let cannot = |e: io::Error| CheckError {
+        no_directory: false,
+        message: format!("cannot open access log `{}`: {e}", p.display()),
+    };
+    if let Ok(meta) = std::fs::metadata(p) {
+        if meta.file_type().is_fifo() {
+            // Opening a FIFO for writing waits for a reader (`run` does, as
+            // nginx): `check` must not hang on a log shipper not started
+            // yet. Without waiting, the permission is checked first, then
+            // the lack of a reader is `ENXIO`, which `run` would wait out.
+            return match OpenOptions::new()
+                .append(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(p)
+            {
+                Err(e) if e.raw_os_error() != Some(libc::ENXIO) => Err(cannot(e)),
+                _ => Ok(()),
+            };
+        }
+        OpenOptions::new().append(true).open(p).map_err(cannot)?;
+        return Ok(());
+    }
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        return Err(CheckError {
+            no_directory: true,
+            message: format!(
+                "cannot open access log `{}`: directory `{}` does not exist",
+                p.display(),
+                dir.display()
+            ),
+        });
+    }
+    match OpenOptions::new().append(true).create_new(true).open(p) {
+        // Ours (`create_new`): removed, so `check` leaves nothing behind.
+        Ok(_) => {
+            let _ = std::fs::remove_file(p);
+            Ok(())
+        }
+        // Created meanwhile by someone else: it must open as it is.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            OpenOptions::new().append(true).open(p).map_err(cannot)?;
+            Ok(())
+        }
+        Err(e) => Err(CheckError {
+            no_directory: false,
+            message: format!("cannot create access log `{}`: {e}", p.display()),
+        }),
+    }
+}
 
-    /// Opens `stdout`, `stderr` or a file path for appending, and starts the writer
-    /// thread.
-    pub fn open(cfg: &config::AccessLog, stats: &Stats) -> anyhow::Result<Self> {
+impl Writer {
+    /// Opens `stdout`, `stderr` or a file path for appending, and starts the
+    /// writer thread (not shared: [`Writers::open`] shares them).
+    fn open(cfg: &config::AccessLog, stats: &Stats) -> anyhow::Result<Self> {
         let target = match cfg.path.as_str() {
             "stdout" => Target::Stdout,
             "stderr" => Target::Stderr,
@@ -588,10 +646,7 @@ impl AccessLog {
              requests, or blocked).",
             &[],
         );
-        // (Checked by `validate` already.)
-        let (format, wants) = format::parse(cfg)
-            .map_err(|e| anyhow::anyhow!("access_log: {} ({})", e.message, e.help))?;
-        let mut log = Self::start(
+        Self::start(
             Sink {
                 target,
                 pipe,
@@ -601,17 +656,7 @@ impl AccessLog {
             limit,
             dropped,
         )
-        .context("starting the access-log writer thread")?;
-        log.format = format;
-        log.wants = wants;
-        log.filter.clone_from(&cfg.filter);
-        Ok(log)
-    }
-
-    /// The header fields the configured format reads: what a request
-    /// captures for its line ([`format::capture`]).
-    pub fn wants(&self) -> &format::Wants {
-        &self.wants
+        .context("starting the access-log writer thread")
     }
 
     fn start(sink: Sink, interval: Duration, limit: usize, dropped: Counter) -> io::Result<Self> {
@@ -626,26 +671,12 @@ impl AccessLog {
                     drop(done_tx);
                 })?
         };
-        Ok(AccessLog {
+        Ok(Writer {
             shared,
-            format: format::Format::Default,
-            wants: format::Wants::default(),
-            filter: None,
-            writer: Mutex::new(Some((writer, done_rx))),
+            settings: (interval, limit),
+            thread: Mutex::new(Some((writer, done_rx))),
+            registry: Weak::new(),
         })
-    }
-
-    /// Hands one line to the writer. Never blocks on I/O and never fails a request:
-    /// a line that does not fit in the buffer is dropped and counted.
-    pub fn write(&self, line: &Line<'_>) {
-        if let Some(f) = &self.filter {
-            if !filter::admits(f, line) {
-                return;
-            }
-        }
-        let mut bytes = Vec::with_capacity(512);
-        self.format.render(line, &mut bytes);
-        self.hand_over(bytes);
     }
 
     /// Hands the bytes of one line (without its line break) to the writer.
@@ -659,26 +690,40 @@ impl AccessLog {
     /// Has the writer open the file's path again once the lines handed over so
     /// far are written (SIGUSR1, `POST /reopen_logs`); nothing for stdout or
     /// stderr.
-    pub fn reopen(&self) {
+    fn reopen(&self) {
         self.shared.lock().reopen = true;
         self.shared.wake.notify_one();
     }
 
-    /// Writes out every line handed over so far and stops the writer (idempotent).
-    /// Called when the workers have stopped; a line handed over after this is
-    /// dropped. Waits at most [`CLOSE_WAIT`] for a writer that is blocked.
-    pub fn close(&self) {
+    /// Tells the writer to write what it holds and end (a line handed over
+    /// after this is dropped); its thread, to wait for, the first time.
+    fn end(&self) -> Option<Thread> {
         let taken = self
-            .writer
+            .thread
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some((writer, done)) = taken else {
-            return;
-        };
+            .take()?;
         self.shared.lock().closed = true;
         self.shared.wake.notify_one();
-        match done.recv_timeout(CLOSE_WAIT) {
+        Some(taken)
+    }
+
+    /// Writes out every line handed over so far and stops the writer
+    /// (idempotent), waiting at most [`CLOSE_WAIT`] for a writer that is
+    /// blocked.
+    #[cfg(test)]
+    fn close(&self) {
+        join(
+            self.end().into_iter().collect(),
+            Instant::now() + CLOSE_WAIT,
+        );
+    }
+}
+
+/// Waits for writer threads that were told to end, until `deadline` at most.
+fn join(threads: Vec<Thread>, deadline: Instant) {
+    for (writer, done) in threads {
+        match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Err(mpsc::RecvTimeoutError::Timeout) => tracing::warn!(
                 "access log: the writer is still blocked after {CLOSE_WAIT:?}; exiting without \
                  the lines it holds"
@@ -691,9 +736,156 @@ impl AccessLog {
     }
 }
 
-impl Drop for AccessLog {
+impl Drop for Writer {
+    /// The last log writing here went away (a reload replaced its listener,
+    /// whose last connection closed): the writer writes its last lines and
+    /// ends. Not waited for here (this may be a worker's thread), but at
+    /// the process's exit ([`Writers::close`]).
     fn drop(&mut self) {
-        self.close();
+        let Some(thread) = self.end() else {
+            return;
+        };
+        match self.registry.upgrade() {
+            Some(r) => {
+                let mut r = r.lock().unwrap_or_else(PoisonError::into_inner);
+                r.closing.retain(|(t, _)| !t.is_finished());
+                r.closing.push(thread);
+            }
+            None => join(vec![thread], Instant::now() + CLOSE_WAIT),
+        }
+    }
+}
+
+impl Writers {
+    /// The writer of `cfg`'s destination: the one in use if its settings are
+    /// `cfg`'s, else a new one (which a reload's new settings get; the old
+    /// one ends when its last log goes).
+    pub fn open(&self, cfg: &config::AccessLog, stats: &Stats) -> anyhow::Result<Arc<Writer>> {
+        let key = destination(&cfg.path);
+        let mut r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let settings = (
+            cfg.flush_interval.get(),
+            usize::try_from(cfg.buffer_limit.0).unwrap_or(usize::MAX),
+        );
+        if let Some(w) = r.open.get(&key).and_then(Weak::upgrade) {
+            if w.settings == settings {
+                return Ok(w);
+            }
+            // (Not dropped under the lock: `Writer::drop` takes it.)
+            drop(r);
+            drop(w);
+            r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        }
+        let mut w = Writer::open(cfg, stats)?;
+        w.registry = Arc::downgrade(&self.0);
+        let w = Arc::new(w);
+        r.open.retain(|_, w| w.strong_count() > 0);
+        r.open.insert(key, Arc::downgrade(&w));
+        Ok(w)
+    }
+
+    /// The writers in use.
+    fn live(&self) -> Vec<Arc<Writer>> {
+        let r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        r.open.values().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Has every writer in use open its file's path again (SIGUSR1, `POST
+    /// /reopen_logs`) once the lines waiting are written; how many there are.
+    pub fn reopen(&self) -> usize {
+        let live = self.live();
+        for w in &live {
+            w.reopen();
+        }
+        live.len()
+    }
+
+    /// Writes out every line handed over so far, to every writer, and stops
+    /// them (idempotent). Called when the workers have stopped; a line handed
+    /// over after this is dropped. Waits at most [`CLOSE_WAIT`] for writers
+    /// that are blocked.
+    pub fn close(&self) {
+        let live = self.live();
+        let mut threads: Vec<Thread> = live.iter().filter_map(|w| w.end()).collect();
+        threads.append(
+            &mut self
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .closing,
+        );
+        join(threads, Instant::now() + CLOSE_WAIT);
+        drop(live);
+    }
+}
+
+impl Logs {
+    /// The logs `cfgs` describe, on the writers of `writers`; `None` for none
+    /// (`access_log: off`): a listener without logs builds no line.
+    pub fn open(
+        cfgs: &[config::AccessLog],
+        writers: &Writers,
+        stats: &Stats,
+    ) -> anyhow::Result<Option<Arc<Logs>>> {
+        if cfgs.is_empty() {
+            return Ok(None);
+        }
+        let mut wants = format::Wants::default();
+        let mut logs = Vec::with_capacity(cfgs.len());
+        for cfg in cfgs {
+            // (Checked by `validate` already.)
+            let format = format::parse_into(cfg, &mut wants)
+                .map_err(|e| anyhow::anyhow!("access_log: {} ({})", e.message, e.help))?;
+            logs.push(AccessLog {
+                writer: writers.open(cfg, stats)?,
+                format,
+                filter: cfg.filter.clone(),
+            });
+        }
+        Ok(Some(Arc::new(Logs { logs, wants })))
+    }
+
+    /// The header fields the formats read: what a request captures for its
+    /// line ([`format::capture`]).
+    pub fn wants(&self) -> &format::Wants {
+        &self.wants
+    }
+
+    /// Hands one line to the writer of every log whose filter passes it.
+    /// Never blocks on I/O and never fails a request: a line that does not fit
+    /// in a buffer is dropped and counted.
+    pub fn write(&self, line: &Line<'_>) {
+        for log in &self.logs {
+            log.write(line);
+        }
+    }
+}
+
+/// The logs listener `cfg` writes: its own (none for `off`), else the top
+/// level's, `top`.
+pub fn for_listener(
+    cfg: &config::Listener,
+    top: Option<&Arc<Logs>>,
+    writers: &Writers,
+    stats: &Stats,
+) -> anyhow::Result<Option<Arc<Logs>>> {
+    match &cfg.access_log {
+        None => Ok(top.cloned()),
+        Some(own) => Logs::open(own.logs(), writers, stats)
+            .with_context(|| format!("listener `{}`", cfg.name)),
+    }
+}
+
+impl AccessLog {
+    fn write(&self, line: &Line<'_>) {
+        if let Some(f) = &self.filter {
+            if !filter::admits(f, line) {
+                return;
+            }
+        }
+        let mut bytes = Vec::with_capacity(512);
+        self.format.render(line, &mut bytes);
+        self.writer.hand_over(bytes);
     }
 }
 
@@ -888,7 +1080,7 @@ mod tests {
             filter: None,
         };
         let stats = Stats::new();
-        let log = AccessLog::open(&cfg, &stats).unwrap();
+        let log = Writer::open(&cfg, &stats).unwrap();
         for i in 0..10 {
             log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": i })).unwrap());
         }
@@ -928,7 +1120,7 @@ mod tests {
             json_format: None,
             filter: None,
         };
-        let log = AccessLog::open(&cfg, &Stats::new()).unwrap();
+        let log = Writer::open(&cfg, &Stats::new()).unwrap();
         log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": 0 })).unwrap());
         // logrotate's `create`: the file is moved, then the signal comes.
         std::fs::rename(&path, &moved).unwrap();
@@ -942,6 +1134,84 @@ mod tests {
         log.close();
         assert_eq!(std::fs::read_to_string(&moved).unwrap(), "{\"i\":0}\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"i\":1}\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn log_cfg(path: &std::path::Path, format: Option<&str>) -> config::AccessLog {
+        config::AccessLog {
+            path: path.display().to_string(),
+            flush_interval: config::Dur::secs(60),
+            buffer_limit: config::ByteSize(16 << 20),
+            format: format.map(str::to_string),
+            json_format: None,
+            filter: None,
+        }
+    }
+
+    /// Logs of one destination share its writer (one handle, one buffer),
+    /// spelled differently too; other settings get a writer of their own. A
+    /// listener's formats capture the union of the header fields they read.
+    #[test]
+    fn logs_of_one_path_share_a_writer() {
+        let dir = std::env::temp_dir().join(format!("legate-alog-share-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.log");
+        let _ = std::fs::remove_file(&path);
+        let (writers, stats) = (Writers::default(), Stats::new());
+        let a = writers.open(&log_cfg(&path, None), &stats).unwrap();
+        let same = writers
+            .open(&log_cfg(&dir.join(".//a.log"), None), &stats)
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &same));
+        let mut other = log_cfg(&path, None);
+        other.flush_interval = config::Dur::secs(1);
+        let b = writers.open(&other, &stats).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        drop((a, same, b));
+        let logs = Logs::open(
+            &[
+                log_cfg(&path, Some("%REQ(X-A)% %RESP(X-R)%")),
+                log_cfg(&path, Some("%REQ(X-B)% %REQ(X-A)%")),
+            ],
+            &writers,
+            &stats,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(writers.live().len(), 1);
+        assert_eq!(logs.wants().request, ["x-a", "x-b"]);
+        assert_eq!(logs.wants().response, ["x-r"]);
+        let request = [Some("1".to_string()), Some("2".to_string())];
+        let response = [Some("r".to_string())];
+        let mut line = Line::blank();
+        line.facts.request = &request;
+        line.facts.response = &response;
+        logs.write(&line);
+        writers.close();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1 r\n2 1\n");
+        assert!(Logs::open(&[], &writers, &stats).unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A writer no log uses any more writes its last lines and ends by
+    /// itself; the process's close waits for it.
+    #[test]
+    fn a_writer_left_behind_writes_its_last_lines() {
+        let dir = std::env::temp_dir().join(format!("legate-alog-left-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.log");
+        let _ = std::fs::remove_file(&path);
+        let (writers, stats) = (Writers::default(), Stats::new());
+        let logs = Logs::open(&[log_cfg(&path, Some("%RESPONSE_CODE%"))], &writers, &stats)
+            .unwrap()
+            .unwrap();
+        let mut line = Line::blank();
+        line.status = 204;
+        logs.write(&line);
+        drop(logs);
+        assert!(writers.live().is_empty());
+        writers.close();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "204\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -970,7 +1240,7 @@ mod tests {
         // On a thread of its own: without a reader the old check never returned
         // (the thread is left blocked then; the bound only guards the test).
         std::thread::spawn(move || {
-            let _ = tx.send(AccessLog::check(&cfg).map_err(|e| e.to_string()));
+            let _ = tx.send(check(&cfg).map_err(|e| e.to_string()));
         });
         let got = rx.recv_timeout(Duration::from_secs(10));
         assert!(
@@ -991,7 +1261,7 @@ mod tests {
             .custom_flags(libc::O_NONBLOCK)
             .open(&fifo)
             .unwrap();
-        assert!(AccessLog::check(&cfg).is_ok());
+        assert!(check(&cfg).is_ok());
         drop(reader);
         let _ = std::fs::remove_dir_all(&dir);
     }

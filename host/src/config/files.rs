@@ -327,8 +327,24 @@ impl Config {
                 }
             }
         }
-        if let Some(log) = &self.access_log {
-            if let Err(err) = crate::access_log::AccessLog::check(log) {
+        // Each destination once (logs may share one).
+        let mut checked = std::collections::HashSet::new();
+        let top = self.access_log.as_ref().map(|a| (None, a));
+        let listeners = self.listeners.iter().filter_map(|l| {
+            l.value
+                .access_log
+                .as_ref()
+                .map(|a| (Some(&l.referenced), a))
+        });
+        for (anchor, logs) in top.into_iter().chain(listeners) {
+            let list = matches!(logs, super::AccessLogs::List(_));
+            for (i, log) in logs.logs().iter().enumerate() {
+                if !checked.insert(crate::access_log::destination(&log.path)) {
+                    continue;
+                }
+                let Err(err) = crate::access_log::check(log) else {
+                    continue;
+                };
                 let msg = shown(&err.to_string());
                 let help = if err.no_directory {
                     format!(
@@ -341,7 +357,15 @@ impl Config {
                          (`check` creates a new one and removes it again); {RELATIVE}"
                     )
                 };
-                e.top(msg, help).key("access_log").key("path");
+                let issue = match anchor {
+                    Some(loc) => e.at(loc, msg, help),
+                    None => e.top(msg, help),
+                };
+                issue.key("access_log");
+                if list {
+                    issue.index(i);
+                }
+                issue.key("path");
             }
         }
         e.0

@@ -853,6 +853,7 @@ fn sections() -> Vec<(&'static str, Vec<&'static str>)> {
         ("admin", keys_of::<Admin>()),
         ("access_log", keys_of::<AccessLog>()),
         ("listeners", keys_of::<Listener>()),
+        ("listeners.access_log", keys_of::<AccessLog>()),
         ("listeners.http", keys_of::<HttpListener>()),
         ("listeners.tcp", keys_of::<TcpProxy>()),
         ("listeners.tls", keys_of::<ListenerTls>()),
@@ -1162,11 +1163,17 @@ impl Config {
                 fix(p);
             }
         }
-        if let Some(log) = &mut self.access_log {
-            if !matches!(log.path.as_str(), "stdout" | "stderr")
-                && Path::new(&log.path).is_relative()
-            {
-                log.path = base.join(&log.path).display().to_string();
+        let listener_logs = self
+            .listeners
+            .iter_mut()
+            .filter_map(|l| l.value.access_log.as_mut());
+        for logs in self.access_log.as_mut().into_iter().chain(listener_logs) {
+            for log in logs.logs_mut() {
+                if !matches!(log.path.as_str(), "stdout" | "stderr")
+                    && Path::new(&log.path).is_relative()
+                {
+                    log.path = base.join(&log.path).display().to_string();
+                }
             }
         }
     }
@@ -1212,7 +1219,10 @@ clusters:
     #[test]
     fn relative_paths_are_resolved_against_the_base() {
         let c = parse_str("x.yaml", WITH_PATHS, Path::new("/etc/legate")).unwrap();
-        assert_eq!(c.access_log.unwrap().path, "/etc/legate/logs/access.log");
+        assert_eq!(
+            c.access_log.unwrap().logs()[0].path,
+            "/etc/legate/logs/access.log"
+        );
         let tls = c.listeners[0].value.tls.as_ref().unwrap();
         let cert = &tls.certificates[0].value;
         assert_eq!(cert.cert, Path::new("/etc/legate/certs/web.pem"));
@@ -1238,7 +1248,7 @@ clusters:
         for stream in ["stdout", "stderr"] {
             let src = WITH_PATHS.replace("logs/access.log", stream);
             let c = parse_str("x.yaml", &src, Path::new("/etc/legate")).unwrap();
-            assert_eq!(c.access_log.unwrap().path, stream);
+            assert_eq!(c.access_log.unwrap().logs()[0].path, stream);
         }
     }
 

@@ -36,9 +36,11 @@ pub struct Config {
     /// The admin listener (stats, readiness, config dump, drain).
     #[serde(default)]
     pub admin: Admin,
-    /// Where access-log lines go; absent = no access log.
+    /// Where access-log lines go: one log, a list of them, or `off`; absent =
+    /// no access log. A listener's own `access_log` replaces it for that
+    /// listener ([`Listener::access_log`]).
     #[serde(default)]
-    pub access_log: Option<AccessLog>,
+    pub access_log: Option<AccessLogs>,
     /// How long a graceful shutdown waits for in-flight requests; also how long
     /// the TCP connections and WebSocket tunnels of a listener a reload replaced
     /// or removed stay open. Default 30s: long enough for ordinary requests,
@@ -334,6 +336,80 @@ pub struct AccessLog {
     pub filter: Option<AccessLogFilter>,
 }
 
+/// `access_log` (top level and `listeners[].access_log`): one log (a
+/// mapping), several (a list: every log whose filter passes gets the line), or
+/// `off` (none). Serialized as written.
+#[derive(Debug, Clone)]
+pub enum AccessLogs {
+    /// `off`: no log.
+    Off,
+    /// A mapping: one log.
+    One(AccessLog),
+    /// A list of logs.
+    List(Vec<AccessLog>),
+}
+
+impl AccessLogs {
+    /// The logs, in the order written (none for `off`).
+    pub fn logs(&self) -> &[AccessLog] {
+        match self {
+            AccessLogs::Off => &[],
+            AccessLogs::One(l) => std::slice::from_ref(l),
+            AccessLogs::List(l) => l,
+        }
+    }
+
+    /// The logs, to resolve their paths.
+    pub(crate) fn logs_mut(&mut self) -> &mut [AccessLog] {
+        match self {
+            AccessLogs::Off => &mut [],
+            AccessLogs::One(l) => std::slice::from_mut(l),
+            AccessLogs::List(l) => l,
+        }
+    }
+}
+
+impl Serialize for AccessLogs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AccessLogs::Off => s.serialize_str("off"),
+            AccessLogs::One(l) => l.serialize(s),
+            AccessLogs::List(l) => l.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessLogs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AccessLogs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a mapping (one log), a list of mappings (several) or `off`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AccessLogs, E> {
+                if v == "off" {
+                    Ok(AccessLogs::Off)
+                } else {
+                    Err(E::custom(format!(
+                        "`{v}` is not an access log: write a mapping (`{{ path: ... }}`), a \
+                         list of them, or `off` for none"
+                    )))
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<AccessLogs, A::Error> {
+                AccessLog::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(AccessLogs::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, s: A) -> Result<AccessLogs, A::Error> {
+                Vec::<AccessLog>::deserialize(serde::de::value::SeqAccessDeserializer::new(s))
+                    .map(AccessLogs::List)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `access_log.filter`: a line is written when every condition given holds.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -510,6 +586,11 @@ pub struct Listener {
     /// `SO_ORIGINAL_DST`. Such requests go to the cluster `original_dst` names.
     #[serde(default)]
     pub original_destination: bool,
+    /// This listener's access logs (one, a list, or `off`), replacing the
+    /// top-level `access_log` for it (nginx's inner `access_log`); absent =
+    /// the top-level ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogs>,
     /// Read a PROXY protocol header (v1 or v2) at the start of each connection
     /// and take its addresses as the client's and the local ones; absent = none
     /// is expected (a header would be taken for the connection's own bytes).
@@ -2486,6 +2567,114 @@ clusters:
   - { name: app, endpoints: [{ address: \"127.0.0.1:9000\" }] }
 ";
 
+    /// `MINIMAL` with a top-level `access_log` and listener `web`'s own
+    /// (flow style, on its line), and a second listener `health` with `own`.
+    fn with_logs(top: &str, web: &str, health: &str) -> String {
+        MINIMAL
+            .replace("version: 1\n", &format!("version: 1\naccess_log: {top}\n"))
+            .replace(
+                "http: { routes: main } }\n",
+                &format!(
+                    "http: {{ routes: main }}, access_log: {web} }}\n  - {{ name: health, \
+                     address: \"0.0.0.0:8081\", http: {{ routes: main }}, access_log: {health} }}\n"
+                ),
+            )
+    }
+
+    fn load_error(src: &str) -> String {
+        match parse_str("test.yaml", src, Path::new("/etc/legate")) {
+            Ok(_) => panic!("accepted:\n{src}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// `access_log` is a mapping, a list or `off`, at the top level and on a
+    /// listener; each log's relative path is resolved against the config's
+    /// directory; the form written is the form dumped.
+    #[test]
+    fn access_logs_are_a_mapping_a_list_or_off() {
+        let c = parse(&with_logs(
+            "{ path: logs/all.log }",
+            "[{ path: logs/web.json }, { path: stderr, format: '%RESPONSE_CODE%', filter: { statuses: [\"500-599\"] } }]",
+            "off",
+        ));
+        let top = c.access_log.as_ref().unwrap();
+        assert!(matches!(top, AccessLogs::One(_)));
+        assert_eq!(top.logs()[0].path, "/etc/legate/logs/all.log");
+        let web = c.listeners[0].value.access_log.as_ref().unwrap();
+        let AccessLogs::List(list) = web else {
+            panic!("{web:?}")
+        };
+        assert_eq!(list[0].path, "/etc/legate/logs/web.json");
+        assert_eq!(list[1].path, "stderr");
+        assert_eq!(list[1].filter.as_ref().unwrap().statuses.len(), 1);
+        let health = c.listeners[1].value.access_log.as_ref().unwrap();
+        assert!(matches!(health, AccessLogs::Off) && health.logs().is_empty());
+        assert_eq!(serde_json::to_value(health).unwrap(), "off");
+        assert!(serde_json::to_value(web).unwrap().is_array());
+        assert!(serde_json::to_value(top).unwrap().is_object());
+        // Without its own, a listener has none here (it writes the top level's).
+        assert!(parse(MINIMAL).listeners[0].value.access_log.is_none());
+        // `off` at the top level: no log, as without the key.
+        let c = parse(&MINIMAL.replace("version: 1\n", "version: 1\naccess_log: off\n"));
+        assert!(c.access_log.unwrap().logs().is_empty());
+        // Two logs of one path with the same settings: one writer, fine.
+        parse(&with_logs(
+            "{ path: a.log }",
+            "[{ path: a.log }, { path: ./a.log, format: '%RESPONSE_CODE%' }]",
+            "{ path: a.log }",
+        ));
+    }
+
+    #[test]
+    fn access_log_shapes_that_are_refused() {
+        // Another word than `off`.
+        let e = load_error(&with_logs("{ path: a.log }", "on", "off"));
+        assert!(e.contains("`on` is not an access log"), "{e}");
+        // An empty list: `off` says it.
+        let e = load_error(&with_logs("{ path: a.log }", "[]", "off"));
+        assert!(e.contains("`access_log` is an empty list"), "{e}");
+        assert!(e.contains("test.yaml:4:"), "{e}");
+        // A listener's log is checked as the top level's, at its place.
+        let e = load_error(&with_logs(
+            "{ path: a.log }",
+            "[{ path: b.log }, { path: c.log, format: '%NOPE%' }]",
+            "off",
+        ));
+        assert!(e.contains("test.yaml:4:") && e.contains("NOPE"), "{e}");
+        let e = load_error(&with_logs(
+            "{ path: a.log }",
+            "{ path: b.log, flush_interval: 2m }",
+            "off",
+        ));
+        assert!(e.contains("`access_log.flush_interval` is 120s"), "{e}");
+        let e = load_error(&with_logs(
+            "{ path: a.log }",
+            "[{ path: b.log, colour: red }]",
+            "off",
+        ));
+        assert!(e.contains("colour"), "{e}");
+        // One file, two writer settings: refused, naming the other log.
+        let e = load_error(&with_logs(
+            "{ path: a.log }",
+            "off",
+            "[{ path: b.log }, { path: a.log, flush_interval: 5s }]",
+        ));
+        assert!(
+            e.contains("writes the file the top-level `access_log` writes"),
+            "{e}"
+        );
+        let e = load_error(&with_logs(
+            "{ path: stdout }",
+            "[{ path: b.log, buffer_limit: 1MiB }]",
+            "{ path: b.log }",
+        ));
+        assert!(
+            e.contains("the file listener `web`'s `access_log` (entry 0) writes"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn limits_defaults_are_the_documented_ones() {
         let l = Limits::default();
@@ -2681,7 +2870,11 @@ clusters:
         vec![
             ("Top level", at(&[""]), fields::<Config>()),
             ("`admin`", at(&["admin"]), fields::<Admin>()),
-            ("`access_log`", at(&["access_log"]), fields::<AccessLog>()),
+            (
+                "`access_log`",
+                at(&["access_log", "listeners.access_log"]),
+                fields::<AccessLog>(),
+            ),
             (
                 "`routes[].virtual_hosts[].routes[].fault`",
                 route("fault"),
@@ -2709,7 +2902,7 @@ clusters:
             ),
             (
                 "`access_log.filter`",
-                at(&["access_log.filter"]),
+                at(&["access_log.filter", "listeners.access_log.filter"]),
                 fields::<AccessLogFilter>(),
             ),
             ("`tracing`", at(&["tracing"]), fields::<Tracing>()),
@@ -3044,10 +3237,7 @@ clusters:
                         format!("{p}.{f}")
                     })
                 });
-                // The one access log has `json_format`, which excludes
-                // `format` (docs/config.md shows it in its own example).
-                let exclusive = heading == "`access_log`" && f == "format";
-                if !used && !exclusive {
+                if !used {
                     missing.push(format!("{heading}: {f}"));
                 }
             }

@@ -34,7 +34,7 @@ impl Issue {
     }
 
     /// Narrows the place to item `i` of the current list.
-    fn index(&mut self, i: usize) -> &mut Self {
+    pub(super) fn index(&mut self, i: usize) -> &mut Self {
         self.focus.push(Seg::Index(i));
         self
     }
@@ -221,116 +221,7 @@ impl Config {
         }
         self.validate_admin(&mut e);
         self.validate_kv(&mut e);
-        if let Some(log) = &self.access_log {
-            if log.path.trim().is_empty() {
-                e.top(
-                    "`access_log.path` is empty",
-                    "use `stdout`, `stderr` or a file path; remove `access_log` for no log",
-                )
-                .key("access_log")
-                .key("path");
-            }
-            let interval = log.flush_interval.get();
-            if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&interval) {
-                e.top(
-                    format!(
-                        "`access_log.flush_interval` is {}, not between 1ms and 1m",
-                        log.flush_interval
-                    ),
-                    "the default is `1s`; a shorter interval makes lines visible sooner at the \
-                     cost of more writes",
-                )
-                .key("access_log")
-                .key("flush_interval");
-            }
-            let limit = log.buffer_limit.0;
-            if !((64 << 10)..=(1 << 30)).contains(&limit) {
-                e.top(
-                    format!(
-                        "`access_log.buffer_limit` is {}, not between 64KiB and 1GiB",
-                        log.buffer_limit
-                    ),
-                    "lines are written in batches of up to 64KiB, so the buffer must hold \
-                     at least that; the default is `16MiB`",
-                )
-                .key("access_log")
-                .key("buffer_limit");
-            }
-            if log.format.is_some() && log.json_format.is_some() {
-                e.top(
-                    "`access_log` has both `format` and `json_format`",
-                    "a line is either text (`format`) or a JSON object (`json_format`): keep one",
-                )
-                .key("access_log")
-                .key("json_format");
-            } else if log.json_format.as_ref().is_some_and(|j| j.0.is_empty()) {
-                e.top(
-                    "`access_log.json_format` has no keys",
-                    "name the fields each line has, e.g. `status: \"%RESPONSE_CODE%\"`; remove \
-                     `json_format` for the default JSON line",
-                )
-                .key("access_log")
-                .key("json_format");
-            }
-            if let Some(f) = &log.filter {
-                for (i, r) in f.statuses.iter().enumerate() {
-                    if !r.is_valid() {
-                        e.top(
-                            format!("`access_log.filter.statuses` entry `{r}` is not a status or a rising range of statuses"),
-                            "statuses are from 100 to 599 (a client gone is logged 499); write a \
-                             range low to high, like `\"500-599\"`",
-                        )
-                        .key("access_log")
-                        .key("filter")
-                        .key("statuses")
-                        .index(i);
-                    }
-                }
-                if !(0.0..=100.0).contains(&f.percent.0) {
-                    e.top(
-                        format!(
-                            "`access_log.filter.percent` {} is not between 0% and 100%",
-                            f.percent
-                        ),
-                        "write a percentage from `0%` to `100%` (the default, every line)",
-                    )
-                    .key("access_log")
-                    .key("filter")
-                    .key("percent");
-                }
-                for (i, flag) in f.response_flags.iter().flatten().enumerate() {
-                    if !crate::access_log::format::RESPONSE_FLAGS.contains(&flag.as_str()) {
-                        e.top(
-                            format!("`{flag}` is not a response flag Legate logs"),
-                            format!(
-                                "the flags are {} (docs/config.md, `%RESPONSE_FLAGS%`)",
-                                crate::access_log::format::RESPONSE_FLAGS.join(", ")
-                            ),
-                        )
-                        .key("access_log")
-                        .key("filter")
-                        .key("response_flags")
-                        .index(i);
-                    }
-                }
-            }
-            let one_format = log.format.is_none() || log.json_format.is_none();
-            let has_keys = log.json_format.as_ref().is_none_or(|j| !j.0.is_empty());
-            if !(one_format && has_keys) {
-                // (Reported above.)
-            } else if let Err(err) = crate::access_log::format::parse(log) {
-                let issue = e.top(err.message, err.help);
-                issue.key("access_log");
-                if err.path.is_empty() {
-                    issue.key("format");
-                } else {
-                    issue.key("json_format");
-                    for k in &err.path {
-                        issue.key(k);
-                    }
-                }
-            }
-        }
+        self.validate_access_logs(&mut e);
 
         let clusters = Defined {
             what: "cluster",
@@ -546,6 +437,77 @@ impl Config {
                     )
                     .key("match")
                     .key("client_cert");
+                }
+            }
+        }
+    }
+
+    /// Every access log, the top level's and the listeners': each one's
+    /// problems, an empty list, and logs that write one destination with
+    /// different writer settings (they share one writer:
+    /// [`crate::access_log::destination`]).
+    fn validate_access_logs(&self, e: &mut Issues) {
+        let top = self
+            .access_log
+            .as_ref()
+            .map(|l| (None, "the top-level `access_log`".to_string(), l));
+        let listeners = self.listeners.iter().filter_map(|l| {
+            let name = format!("listener `{}`'s `access_log`", l.value.name);
+            l.value
+                .access_log
+                .as_ref()
+                .map(|a| (Some(l.referenced), name, a))
+        });
+        // The first log of each destination, and where it is.
+        let mut writers: HashMap<String, (&AccessLog, String)> = HashMap::new();
+        for (anchor, owner, logs) in top.into_iter().chain(listeners) {
+            let list = matches!(logs, AccessLogs::List(_));
+            if list && logs.logs().is_empty() {
+                let at = LogAt {
+                    anchor,
+                    index: None,
+                };
+                log_issue(
+                    e,
+                    &at,
+                    "`access_log` is an empty list",
+                    "list the logs, or write `access_log: off` for none",
+                );
+            }
+            for (i, log) in logs.logs().iter().enumerate() {
+                let at = LogAt {
+                    anchor,
+                    index: list.then_some(i),
+                };
+                validate_access_log(e, &at, log);
+                let here = if list {
+                    format!("{owner} (entry {i})")
+                } else {
+                    owner.clone()
+                };
+                let dest = crate::access_log::destination(&log.path);
+                let Some((first, there)) = writers.get(&dest) else {
+                    writers.insert(dest, (log, here));
+                    continue;
+                };
+                let interval = first.flush_interval.get() != log.flush_interval.get();
+                if interval || first.buffer_limit.0 != log.buffer_limit.0 {
+                    log_issue(
+                        e,
+                        &at,
+                        format!(
+                            "this access log writes the file {there} writes, with another \
+                             `flush_interval` or `buffer_limit`"
+                        ),
+                        "logs writing one file share one writer (one file handle, whole \
+                         lines): give them the same `flush_interval` and `buffer_limit`, or \
+                         leave both out for the defaults",
+                    )
+                    .key(if interval {
+                        "flush_interval"
+                    } else {
+                        "buffer_limit"
+                    });
                 }
             }
         }
@@ -3613,6 +3575,150 @@ fn window_range_error(key: &str, w: ByteSize) -> String {
 /// How to fix an HTTP/2 window out of range.
 const WINDOW_HINT: &str = "an HTTP/2 flow-control window is at least 65535 (the protocol's \
      initial window) and at most 2^31-1 (RFC 9113 §6.9); leave it out for the default";
+
+/// Where one access log is in the file: the top level (`anchor` `None`) or a
+/// listener's `access_log`, and its index when the logs are a list.
+struct LogAt {
+    anchor: Option<Location>,
+    index: Option<usize>,
+}
+
+/// An issue of the access log at `at`, focused on its `access_log` key (and
+/// its list item); refine it with [`Issue::key`].
+fn log_issue<'e>(
+    e: &'e mut Issues,
+    at: &LogAt,
+    msg: impl Into<String>,
+    help: impl Into<String>,
+) -> &'e mut Issue {
+    let issue = match &at.anchor {
+        Some(loc) => e.at(loc, msg, help),
+        None => e.top(msg, help),
+    };
+    issue.key("access_log");
+    if let Some(i) = at.index {
+        issue.index(i);
+    }
+    issue
+}
+
+/// The problems of one access log (top level or a listener's): its path,
+/// writer settings, format and filter.
+fn validate_access_log(e: &mut Issues, at: &LogAt, log: &AccessLog) {
+    if log.path.trim().is_empty() {
+        log_issue(
+            e,
+            at,
+            "`access_log.path` is empty",
+            "use `stdout`, `stderr` or a file path; remove `access_log` for no log",
+        )
+        .key("path");
+    }
+    let interval = log.flush_interval.get();
+    if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&interval) {
+        log_issue(
+            e,
+            at,
+            format!(
+                "`access_log.flush_interval` is {}, not between 1ms and 1m",
+                log.flush_interval
+            ),
+            "the default is `1s`; a shorter interval makes lines visible sooner at the \
+                 cost of more writes",
+        )
+        .key("flush_interval");
+    }
+    let limit = log.buffer_limit.0;
+    if !((64 << 10)..=(1 << 30)).contains(&limit) {
+        log_issue(
+            e,
+            at,
+            format!(
+                "`access_log.buffer_limit` is {}, not between 64KiB and 1GiB",
+                log.buffer_limit
+            ),
+            "lines are written in batches of up to 64KiB, so the buffer must hold \
+                 at least that; the default is `16MiB`",
+        )
+        .key("buffer_limit");
+    }
+    if log.format.is_some() && log.json_format.is_some() {
+        log_issue(
+            e,
+            at,
+            "`access_log` has both `format` and `json_format`",
+            "a line is either text (`format`) or a JSON object (`json_format`): keep one",
+        )
+        .key("json_format");
+    } else if log.json_format.as_ref().is_some_and(|j| j.0.is_empty()) {
+        log_issue(
+            e,
+            at,
+            "`access_log.json_format` has no keys",
+            "name the fields each line has, e.g. `status: \"%RESPONSE_CODE%\"`; remove \
+                 `json_format` for the default JSON line",
+        )
+        .key("json_format");
+    }
+    if let Some(f) = &log.filter {
+        for (i, r) in f.statuses.iter().enumerate() {
+            if !r.is_valid() {
+                log_issue(e, at,
+                        format!("`access_log.filter.statuses` entry `{r}` is not a status or a rising range of statuses"),
+                        "statuses are from 100 to 599 (a client gone is logged 499); write a \
+                         range low to high, like `\"500-599\"`",
+                    )
+                    .key("filter")
+                    .key("statuses")
+                    .index(i);
+            }
+        }
+        if !(0.0..=100.0).contains(&f.percent.0) {
+            log_issue(
+                e,
+                at,
+                format!(
+                    "`access_log.filter.percent` {} is not between 0% and 100%",
+                    f.percent
+                ),
+                "write a percentage from `0%` to `100%` (the default, every line)",
+            )
+            .key("filter")
+            .key("percent");
+        }
+        for (i, flag) in f.response_flags.iter().flatten().enumerate() {
+            if !crate::access_log::format::RESPONSE_FLAGS.contains(&flag.as_str()) {
+                log_issue(
+                    e,
+                    at,
+                    format!("`{flag}` is not a response flag Legate logs"),
+                    format!(
+                        "the flags are {} (docs/config.md, `%RESPONSE_FLAGS%`)",
+                        crate::access_log::format::RESPONSE_FLAGS.join(", ")
+                    ),
+                )
+                .key("filter")
+                .key("response_flags")
+                .index(i);
+            }
+        }
+    }
+    let one_format = log.format.is_none() || log.json_format.is_none();
+    let has_keys = log.json_format.as_ref().is_none_or(|j| !j.0.is_empty());
+    if !(one_format && has_keys) {
+        // (Reported above.)
+    } else if let Err(err) = crate::access_log::format::parse(log) {
+        let issue = log_issue(e, at, err.message, err.help);
+        if err.path.is_empty() {
+            issue.key("format");
+        } else {
+            issue.key("json_format");
+            for k in &err.path {
+                issue.key(k);
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // in tests a panic is the failure report
