@@ -4,6 +4,9 @@
 //! every worker, the last ones are written at shutdown, and a log nobody reads
 //! drops lines (counted) instead of stalling requests. The answers hyper sends
 //! by itself to an HTTP/1.1 head it cannot take (400, 414, 431) are logged too.
+//! A listener writes its own logs (`listeners[].access_log`, replacing the
+//! top-level ones), several at once, or none (`off`); logs of one file share
+//! its writer; a reload changes a listener's logs.
 
 // Test code: a failed unwrap is a test failure with its location.
 #![allow(clippy::unwrap_used)]
@@ -1140,5 +1143,302 @@ each_proto!(
         assert_eq!(lines, ["404 /nowhere NR"]);
         lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="2xx"}"#, 1.0)
             .await;
+    }
+);
+
+/// Listeners `web` and `api` (HTTP, ephemeral ports, route table `main`:
+/// `/fail` a 500 of the route's own, anything else to `backend` at `up`),
+/// each with its extra keys (`web`, `api`: lines indented by 4, such as
+/// `    access_log: off\n`), and `top` at the top level.
+fn two_listeners(up: std::net::SocketAddr, top: &str, web: &str, api: &str) -> String {
+    format!(
+        "version: 1
+{top}listeners:
+  - name: web
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+{web}  - name: api
+    address: 127.0.0.1:0
+    http: {{ routes: main }}
+{api}routes:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: [\"*\"]
+        routes:
+          - match: {{ prefix: /fail }}
+            direct_response: {{ status: 500, body: failed }}
+          - match: {{ prefix: / }}
+            cluster: backend
+clusters:
+  - name: backend
+    endpoints:
+      - address: {up}
+"
+    )
+}
+
+/// `    access_log: { path: PATH<keys> }\n`: a listener's own log.
+fn own_log(path: &Path, keys: &str) -> String {
+    format!("    access_log: {{ path: {}{keys} }}\n", path.display())
+}
+
+/// `access_log: { path: PATH }\n`: the top-level log.
+fn top_log(path: &Path) -> String {
+    format!("access_log: {{ path: {} }}\n", path.display())
+}
+
+const WEB_2XX: &str = r#"legate_listener_requests_total{listener="web",class="2xx"}"#;
+const API_2XX: &str = r#"legate_listener_requests_total{listener="api",class="2xx"}"#;
+
+each_proto!(
+    /// Two listeners with logs of their own: each log gets its listener's
+    /// lines only, and the top-level log, which both replace, none.
+    async fn each_listener_writes_its_own_log(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let (top, web, api) = (
+            dir.path().join("top.log"),
+            dir.path().join("web.log"),
+            dir.path().join("api.log"),
+        );
+        let cfg = two_listeners(
+            up.addr,
+            &top_log(&top),
+            &own_log(&web, ""),
+            &own_log(&api, ", format: '%LISTENER_NAME% %REQ(:PATH)%'"),
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/w").send().await.status, 200);
+        let mut c = client(proto, lg.addr("api")).await;
+        assert_eq!(c.get("/a").send().await.status, 200);
+        lg.assert_stat(WEB_2XX, 1.0).await;
+        lg.assert_stat(API_2XX, 1.0).await;
+        // Stopped: every line handed over is written.
+        lg.shutdown_and_wait().await.unwrap();
+        let web = access_log_lines(&web);
+        assert_eq!(web.len(), 1, "{web:?}");
+        assert_eq!(web[0]["listener"], "web", "{web:?}");
+        assert_eq!(web[0]["path"], "/w", "{web:?}");
+        assert_eq!(access_log_text(&api), ["api /a"]);
+        assert_eq!(access_log_text(&top), Vec::<String>::new());
+    }
+);
+
+each_proto!(
+    /// `access_log: off` on a listener (a health-check one): its requests
+    /// write no line, while the other listener writes the top-level log.
+    async fn a_listener_with_its_log_off_writes_nothing(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let top = dir.path().join("top.log");
+        let cfg = two_listeners(up.addr, &top_log(&top), "", "    access_log: off\n");
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("api")).await;
+        assert_eq!(c.get("/health").send().await.status, 200);
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/w").send().await.status, 200);
+        // Counted all the same.
+        lg.assert_stat(API_2XX, 1.0).await;
+        lg.assert_stat(WEB_2XX, 1.0).await;
+        lg.shutdown_and_wait().await.unwrap();
+        let lines = access_log_lines(&top);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["listener"], "web", "{lines:?}");
+        assert_eq!(lines[0]["path"], "/w", "{lines:?}");
+    }
+);
+
+each_proto!(
+    /// Two logs on one listener, as an Envoy listener's list: every request
+    /// as JSON to one file, the 5xx as a text line to another. Each format
+    /// reads a request header the other does not: both are captured.
+    async fn two_logs_on_a_listener_get_the_lines_their_filters_pass(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let (all, errors) = (dir.path().join("all.json"), dir.path().join("errors.log"));
+        let web = format!(
+            "    access_log:
+      - path: {}
+        json_format: {{ path: \"%REQ(:PATH)%\", status: \"%RESPONSE_CODE%\", b: \"%REQ(X-B)%\" }}
+      - path: {}
+        format: \"%RESPONSE_CODE% %REQ(:PATH)% %REQ(X-A)%\"
+        filter: {{ statuses: [\"500-599\"] }}
+",
+            all.display(),
+            errors.display()
+        );
+        let lg = legate().config(&two_listeners(up.addr, "", &web, "")).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        let ok = c.get("/ok").header("x-a", "1").header("x-b", "2").send().await;
+        assert_eq!(ok.status, 200);
+        let failed = c.get("/fail").header("x-a", "A").header("x-b", "B").send().await;
+        assert_eq!(failed.status, 500);
+        lg.assert_stat(WEB_2XX, 1.0).await;
+        lg.assert_stat(r#"legate_listener_requests_total{listener="web",class="5xx"}"#, 1.0)
+            .await;
+        lg.shutdown_and_wait().await.unwrap();
+        assert_eq!(
+            access_log_lines(&all),
+            [
+                serde_json::json!({ "path": "/ok", "status": 200, "b": "2" }),
+                serde_json::json!({ "path": "/fail", "status": 500, "b": "B" }),
+            ]
+        );
+        assert_eq!(access_log_text(&errors), ["500 /fail A"]);
+    }
+);
+
+/// The file descriptors of this process open on `path`.
+fn handles_on(path: &Path) -> usize {
+    let want = std::fs::canonicalize(path).unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| *target == want)
+        .count()
+}
+
+each_proto!(
+    /// Logs writing one file, on one listener and on another (the path
+    /// spelled differently), share one writer: the file is open once, and
+    /// every line is whole, in the order the requests ended.
+    async fn logs_of_one_file_share_its_writer(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let shared = dir.path().join("shared.log");
+        let web = format!(
+            "    access_log:
+      - {{ path: {0}, format: 'a %REQ(:PATH)%' }}
+      - {{ path: {0}, format: 'b %REQ(:PATH)%' }}
+",
+            shared.display()
+        );
+        let api = own_log(
+            &dir.path().join(".").join("shared.log"),
+            ", format: 'api %REQ(:PATH)%'",
+        );
+        let lg = legate().config(&two_listeners(up.addr, "", &web, &api)).start();
+        assert_eq!(handles_on(&shared), 1);
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/1").send().await.status, 200);
+        let mut c = client(proto, lg.addr("api")).await;
+        assert_eq!(c.get("/2").send().await.status, 200);
+        lg.assert_stat(API_2XX, 1.0).await;
+        lg.shutdown_and_wait().await.unwrap();
+        assert_eq!(access_log_text(&shared), ["a /1", "b /1", "api /2"]);
+    }
+);
+
+each_proto!(
+    /// A reload that changes a listener's log: the listener is replaced,
+    /// its new connections write the new log; the old log gets the line of
+    /// the request made before the reload (held in its writer: a minute's
+    /// flush interval) once the old connection has gone, without a restart.
+    async fn a_reload_changes_a_listeners_log(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let (old, new) = (dir.path().join("old.log"), dir.path().join("new.log"));
+        let cfg = |web: &str| two_listeners(up.addr, "", web, "");
+        let lg = legate()
+            .config(&cfg(&own_log(&old, ", flush_interval: 1m")))
+            .from_file()
+            .start();
+        let addr = lg.addr("web");
+        let mut c = client(proto, addr).await;
+        assert_eq!(c.get("/before").send().await.status, 200);
+        let report = lg
+            .reload_ok(&cfg(&own_log(&new, ", format: 'new %REQ(:PATH)%'")))
+            .await;
+        assert_eq!(report["listeners"]["changed"], serde_json::json!(["web"]), "{report}");
+        let mut c2 = client(proto, addr).await;
+        assert_eq!(c2.get("/after").send().await.status, 200);
+        let lines = text_lines(&new, 1).await;
+        assert_eq!(lines, ["new /after"]);
+        // The old connection goes: the old listener, and its log's writer,
+        // with it; its last line is written then.
+        drop(c);
+        let before = access_log_until(&old, "the line held before the reload", |l| !l.is_empty()).await;
+        assert_eq!(before.len(), 1, "{before:?}");
+        assert_eq!(before[0]["path"], "/before", "{before:?}");
+        lg.assert_stat(WEB_2XX, 2.0).await;
+        lg.shutdown_and_wait().await.unwrap();
+        assert_eq!(access_log_text(&new), ["new /after"]);
+        assert_eq!(access_log_lines(&old).len(), 1);
+    }
+);
+
+/// A TCP proxy listener with a log of its own writes its sessions there; the
+/// HTTP listener beside it writes the top-level log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_writes_its_own_log() {
+    let up = upstream().start().await;
+    let echo = tcp_echo_server().await;
+    let dir = TempDir::new();
+    let (top, tcp) = (dir.path().join("top.log"), dir.path().join("tcp.log"));
+    let cfg = two_listeners(up.addr, &top_log(&top), "", "").replacen(
+        "routes:\n",
+        &format!(
+            "  - name: tcp
+    address: 127.0.0.1:0
+    tcp: {{ cluster: echo }}
+{}routes:\n",
+            own_log(
+                &tcp,
+                ", format: '%LISTENER_NAME% %PROTOCOL% %RESPONSE_CODE% %BYTES_RECEIVED%'"
+            )
+        ),
+        1,
+    ) + &format!(
+        "  - name: echo\n    endpoints:\n      - address: {}\n",
+        echo.addr
+    );
+    let lg = legate().config(&cfg).start();
+    let mut c = RawConn::connect(lg.addr("tcp")).await;
+    c.write(b"hi\n").await;
+    assert_eq!(c.read_exact(3, HANG_GUARD).await.unwrap(), b"hi\n");
+    drop(c);
+    let mut h = client(Proto::H1, lg.addr("web")).await;
+    assert_eq!(h.get("/w").send().await.status, 200);
+    lg.assert_stat(WEB_2XX, 1.0).await;
+    let lines = text_lines(&tcp, 1).await;
+    assert_eq!(lines, ["tcp - 200 3"]);
+    lg.shutdown_and_wait().await.unwrap();
+    let http = access_log_lines(&top);
+    assert_eq!(http.len(), 1, "{http:?}");
+    assert_eq!(http[0]["listener"], "web", "{http:?}");
+    assert_eq!(access_log_text(&tcp), ["tcp - 200 3"]);
+}
+
+each_proto!(
+    /// `POST /reopen_logs` (as SIGUSR1) reopens a listener's own log too, not
+    /// only the top-level one: logrotate's `create` moves each file away.
+    async fn reopening_covers_a_listeners_own_log(proto) {
+        let up = upstream().start().await;
+        let dir = TempDir::new();
+        let (top, web) = (dir.path().join("top.log"), dir.path().join("web.log"));
+        let moved = dir.path().join("web.log.1");
+        let cfg = two_listeners(
+            up.addr,
+            &top_log(&top),
+            &own_log(&web, ", flush_interval: 1m, format: '%REQ(:PATH)%'"),
+            "",
+        );
+        let lg = legate().config(&cfg).start();
+        let mut c = client(proto, lg.addr("web")).await;
+        assert_eq!(c.get("/before").send().await.status, 200);
+        std::fs::rename(&web, &moved).unwrap();
+        let (status, body) = lg.admin_post("/reopen_logs").await;
+        assert_eq!(status, 200, "{body}");
+        eventually(HANG_GUARD, "the listener's log opened again", || async {
+            web.exists().then_some(())
+        })
+        .await;
+        assert_eq!(c.get("/after").send().await.status, 200);
+        lg.assert_stat(WEB_2XX, 2.0).await;
+        lg.shutdown_and_wait().await.unwrap();
+        assert_eq!(access_log_text(&moved), ["/before"]);
+        assert_eq!(access_log_text(&web), ["/after"]);
     }
 );
