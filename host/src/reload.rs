@@ -53,8 +53,12 @@
 //! clusters start again from their current flags). Stats counters are by name,
 //! so they keep counting. Not reloadable (need a hot restart; listed in the
 //! reload's `notes`, and logged once the new config is in force: a reload that
-//! fails applied nothing to warn about): `admin.address` and `access_log`; the
-//! config in force (`/config_dump`) keeps their values in use.
+//! fails applied nothing to warn about): `admin.address` and the top-level
+//! `access_log`; the config in force (`/config_dump`) keeps their values in
+//! use. A listener's own `access_log` is part of its config: a change replaces
+//! the listener (its new connections write the new logs; a destination the new
+//! logs share with the old ones keeps its writer, [`crate::access_log::Writers`]),
+//! and listeners without one keep the top-level logs in force.
 //!
 //! A plugin whose definition is unchanged carries over too, as Envoy reuses a
 //! Wasm VM whose plugin config did not change: the same plugin block (`module`,
