@@ -762,23 +762,25 @@ impl Writers {
     /// one ends when its last log goes).
     pub fn open(&self, cfg: &config::AccessLog, stats: &Stats) -> anyhow::Result<Arc<Writer>> {
         let key = destination(&cfg.path);
-        let mut r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let settings = (
             cfg.flush_interval.get(),
             usize::try_from(cfg.buffer_limit.0).unwrap_or(usize::MAX),
         );
-        if let Some(w) = r.open.get(&key).and_then(Weak::upgrade) {
-            if w.settings == settings {
-                return Ok(w);
-            }
-            // (Not dropped under the lock: `Writer::drop` takes it.)
-            drop(r);
-            drop(w);
-            r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let in_use = {
+            let r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            r.open.get(&key).and_then(Weak::upgrade)
+        };
+        // (Dropped outside the lock, which `Writer::drop` takes.)
+        if let Some(w) = in_use.filter(|w| w.settings == settings) {
+            return Ok(w);
         }
+        // Opened without the lock: a FIFO's open waits for its reader, and
+        // SIGUSR1 and the exit must not wait for it. (Start and reloads, which
+        // open logs, run one at a time.)
         let mut w = Writer::open(cfg, stats)?;
         w.registry = Arc::downgrade(&self.0);
         let w = Arc::new(w);
+        let mut r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         r.open.retain(|_, w| w.strong_count() > 0);
         r.open.insert(key, Arc::downgrade(&w));
         Ok(w)
