@@ -540,6 +540,27 @@ mod tests {
         assert_eq!(r.headers()["content-encoding"], "gzip");
     }
 
+    /// A `text/plain` response streaming [`TEXT`] in two chunks.
+    fn streamed_text() -> Response<Body> {
+        let chunks = futures_util::stream::iter(
+            [&TEXT[..20], &TEXT[20..]]
+                .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from_static(p.as_bytes())))),
+        );
+        let mut r = Response::new(body::boxed(http_body_util::StreamBody::new(chunks)));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    }
+
+    /// Every data frame of `body`, as sent.
+    async fn data_frames(body: &mut Body) -> Vec<Bytes> {
+        let mut frames = Vec::new();
+        while let Some(f) = body.frame().await {
+            frames.push(f.unwrap().into_data().unwrap());
+        }
+        frames
+    }
+
     #[test]
     fn zstd_asked_where_it_is_not_offered_is_gzip() {
         let mut r = response(&[("content-type", "text/html")], TEXT);
@@ -552,20 +573,11 @@ mod tests {
         let s = stats();
         let mut c = cfg();
         c.zstd = Some(serde_saphyr::from_str("{level: 6, window_bits: 10}").unwrap());
-        let chunks = futures_util::stream::iter(
-            [&TEXT[..20], &TEXT[20..]]
-                .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from_static(p.as_bytes())))),
-        );
-        let mut r = Response::new(body::boxed(http_body_util::StreamBody::new(chunks)));
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let mut r = streamed_text();
         apply(&c, &s, &Method::GET, Some(Coding::Zstd), &mut r);
         assert_eq!(r.headers()["content-encoding"], "zstd");
         let mut body = r.into_body();
-        let mut frames = Vec::new();
-        while let Some(f) = body.frame().await {
-            frames.push(f.unwrap().into_data().unwrap());
-        }
+        let frames = data_frames(&mut body).await;
         // The first chunk was flushed on its own: it decodes before the end
         // (a streaming decoder gives it out; the frame is not finished yet).
         let mut first = Vec::new();
@@ -593,20 +605,11 @@ mod tests {
         let mut c = cfg();
         c.brotli = Some(serde_saphyr::from_str("{}").unwrap());
         // A streamed body: each chunk goes on as it comes.
-        let chunks = futures_util::stream::iter(
-            [&TEXT[..20], &TEXT[20..]]
-                .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from_static(p.as_bytes())))),
-        );
-        let mut r = Response::new(body::boxed(http_body_util::StreamBody::new(chunks)));
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let mut r = streamed_text();
         apply(&c, &s, &Method::GET, Some(Coding::Brotli), &mut r);
         assert_eq!(r.headers()["content-encoding"], "br");
         let mut body = r.into_body();
-        let mut frames = Vec::new();
-        while let Some(f) = body.frame().await {
-            frames.push(f.unwrap().into_data().unwrap());
-        }
+        let frames = data_frames(&mut body).await;
         // The first chunk was flushed on its own: it decodes before the end.
         let mut first = Vec::new();
         let mut d = brotli::Decompressor::new(&frames[0][..], 4096);

@@ -34,6 +34,35 @@ fn with_route(cfg: &str, route: &str) -> String {
     cfg.replacen(catch_all, &format!("{route}{catch_all}"), 1)
 }
 
+/// The access-log line of the tunnel to `path`, once it is written.
+async fn tunnel_line(log: &std::path::Path, path: &str) -> Value {
+    eventually(HANG_GUARD, "the tunnel's line", || async {
+        let text = std::fs::read_to_string(log).ok()?;
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|v| v["path"] == path)
+    })
+    .await
+}
+
+/// [`config`] with `drain_timeout: 300ms`, an access log at `log`, and the
+/// listener `limit` (one `limits` key: value).
+fn logged_config(up: std::net::SocketAddr, log: &std::path::Path, limit: &str) -> String {
+    config(up, "")
+        .replacen(
+            "version: 1\n",
+            &format!(
+                "version: 1\ndrain_timeout: 300ms\naccess_log:\n  path: {}\n",
+                log.display()
+            ),
+            1,
+        )
+        .replace(
+            "      extended_connect: true\n",
+            &format!("      extended_connect: true\n    limits:\n      {limit}\n"),
+        )
+}
+
 /// An HTTP/2 (prior knowledge) connection to `addr`.
 async fn h2(addr: std::net::SocketAddr) -> SendRequest<Empty> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -186,13 +215,7 @@ async fn a_websocket_over_h2_is_tunnelled_to_an_http1_upstream() {
         (up.closed.get() >= 1).then_some(())
     })
     .await;
-    let line = eventually(HANG_GUARD, "the tunnel's line", || async {
-        let text = std::fs::read_to_string(&log).ok()?;
-        text.lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .find(|v| v["path"] == "/chat?room=1")
-    })
-    .await;
+    let line = tunnel_line(&log, "/chat?room=1").await;
     assert_eq!(line["status"], 200, "{line}");
     assert_eq!(line["protocol"], "HTTP/2.0", "{line}");
     assert_eq!(line["cause"], Value::Null, "{line}");
@@ -327,23 +350,7 @@ async fn a_reload_closes_an_h2_tunnel_of_the_replaced_listener() {
     let up = websocket_echo_server().await;
     let dir = TempDir::new();
     let log = dir.path().join("access.log");
-    let cfg = |max: &str| {
-        config(up.addr, "")
-            .replacen(
-                "version: 1\n",
-                &format!(
-                    "version: 1\ndrain_timeout: 300ms\naccess_log:\n  path: {}\n",
-                    log.display()
-                ),
-                1,
-            )
-            .replace(
-                "      extended_connect: true\n",
-                &format!(
-                    "      extended_connect: true\n    limits:\n      max_connections: {max}\n"
-                ),
-            )
-    };
+    let cfg = |max: &str| logged_config(up.addr, &log, &format!("max_connections: {max}"));
     let lg = legate().config(&cfg("100")).from_file().start();
     let mut send = h2(lg.addr("web")).await;
     let (status, _, io) = open(&mut send, connect("/chat", "websocket")).await;
@@ -360,13 +367,7 @@ async fn a_reload_closes_an_h2_tunnel_of_the_replaced_listener() {
         (up.closed.get() == 1).then_some(())
     })
     .await;
-    let line = eventually(HANG_GUARD, "the tunnel's line", || async {
-        let text = std::fs::read_to_string(&log).ok()?;
-        text.lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .find(|v| v["path"] == "/chat")
-    })
-    .await;
+    let line = tunnel_line(&log, "/chat").await;
     assert_eq!(line["cause"], "drain_timeout", "{line}");
 }
 
@@ -379,19 +380,7 @@ async fn max_connection_duration_bounds_an_h2_tunnel() {
     let up = websocket_echo_server().await;
     let dir = TempDir::new();
     let log = dir.path().join("access.log");
-    let cfg = config(up.addr, "")
-        .replacen(
-            "version: 1\n",
-            &format!(
-                "version: 1\ndrain_timeout: 300ms\naccess_log:\n  path: {}\n",
-                log.display()
-            ),
-            1,
-        )
-        .replace(
-            "      extended_connect: true\n",
-            "      extended_connect: true\n    limits:\n      max_connection_duration: 1s\n",
-        );
+    let cfg = logged_config(up.addr, &log, "max_connection_duration: 1s");
     let lg = legate().config(&cfg).start();
     let mut send = h2(lg.addr("web")).await;
     let (status, _, io) = open(&mut send, connect("/chat", "websocket")).await;
@@ -403,12 +392,6 @@ async fn max_connection_duration_bounds_an_h2_tunnel() {
         .await
         .expect("the tunnel outliving its connection's duration closes");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-    let line = eventually(HANG_GUARD, "the tunnel's line", || async {
-        let text = std::fs::read_to_string(&log).ok()?;
-        text.lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .find(|v| v["path"] == "/chat")
-    })
-    .await;
+    let line = tunnel_line(&log, "/chat").await;
     assert_eq!(line["cause"], "max_connection_duration", "{line}");
 }
