@@ -156,6 +156,7 @@ pub async fn serve(
             .await
             {
                 Ok(Ok(s)) => {
+                    crate::tls::count_resumed(s.get_ref().1, &ctx.stats);
                     let info = server_tls.info(s.get_ref().1);
                     (
                         Conn::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),

@@ -32,6 +32,9 @@ pub struct ListenerStats {
     pub cx_lingering: Counter,
     /// TLS handshakes that failed or timed out.
     pub cx_tls_error: Counter,
+    /// TLS handshakes that resumed a session, by a ticket or from the
+    /// session cache (Envoy's `ssl.session_reused`).
+    pub cx_tls_resumed: Counter,
     /// Connections closed for a missing, malformed or late PROXY protocol
     /// header (Envoy's `downstream_cx_proxy_proto_error`).
     pub cx_proxy_proto_error: Counter,
@@ -138,6 +141,11 @@ impl ListenerStats {
             cx_tls_error: stats.counter(
                 "legate_listener_tls_errors_total",
                 "TLS handshakes that failed or timed out.",
+                &l,
+            ),
+            cx_tls_resumed: stats.counter(
+                "legate_listener_tls_session_reused_total",
+                "TLS handshakes that resumed a session (a session ticket, or the session cache).",
                 &l,
             ),
             cx_proxy_proto_error: stats.counter(

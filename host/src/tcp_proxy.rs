@@ -327,6 +327,7 @@ async fn run(
             );
             match hs.await {
                 Ok(Ok(s)) => {
+                    crate::tls::count_resumed(s.get_ref().1, &ctx.stats);
                     if filters.is_some() || logged {
                         session.tls = Some(crate::tls::tls_info(s.get_ref().1));
                     }

@@ -663,6 +663,14 @@ pub struct TlsInfo {
     pub local_uri_sans: Arc<[String]>,
 }
 
+/// Counts an established downstream session that resumed an earlier one
+/// (`legate_listener_tls_session_reused_total`).
+pub fn count_resumed(conn: &ServerConnection, stats: &crate::listener::ListenerStats) {
+    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        stats.cx_tls_resumed.inc();
+    }
+}
+
 /// Describes an established downstream session. Call after the handshake completes.
 pub fn tls_info(conn: &ServerConnection) -> TlsInfo {
     let peer = conn.peer_certificates().and_then(|chain| chain.first());

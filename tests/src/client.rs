@@ -63,6 +63,9 @@ pub struct Client {
     /// The OCSP response the server stapled to its certificate (TLS only;
     /// `None` when it stapled none).
     pub ocsp_response: Option<Vec<u8>>,
+    /// Whether the TLS handshake resumed an earlier session (TLS only; see
+    /// [`TlsSessions`]).
+    pub resumed: bool,
 }
 
 impl Clone for Client {
@@ -84,6 +87,7 @@ impl Clone for Client {
             alpn: self.alpn.clone(),
             tls_version: self.tls_version.clone(),
             ocsp_response: self.ocsp_response.clone(),
+            resumed: self.resumed,
         }
     }
 }
@@ -140,6 +144,59 @@ impl TlsOptions {
     pub fn tls12_only(mut self) -> Self {
         self.tls12_only = true;
         self
+    }
+}
+
+/// A TLS client that keeps the sessions servers give it (rustls's in-memory
+/// store, by server name) and offers them again: every connection shares
+/// one client config, as a browser resumes with the tickets of earlier
+/// connections. Connections to different addresses with the same SNI offer
+/// the same sessions (instances behind one load balancer).
+pub struct TlsSessions {
+    proto: Proto,
+    opts: TlsOptions,
+    cfg: Arc<rustls::ClientConfig>,
+    verifier: Arc<RecordingVerifier>,
+}
+
+impl TlsSessions {
+    /// A client of `proto` with `opts`, holding no session yet.
+    pub fn new(proto: Proto, opts: TlsOptions) -> TlsSessions {
+        let (cfg, verifier) =
+            client_tls_config_recording(proto, &opts).expect("test TLS client config");
+        TlsSessions {
+            proto,
+            opts,
+            cfg: Arc::new(cfg),
+            verifier,
+        }
+    }
+
+    /// Connects to `addr`, offering a session kept for the SNI if there is
+    /// one ([`Client::resumed`] says whether the server took it).
+    pub async fn connect(&self, addr: SocketAddr) -> anyhow::Result<Client> {
+        Client::connect_tls_with(
+            self.proto,
+            addr,
+            &self.opts,
+            self.cfg.clone(),
+            &self.verifier,
+            &[],
+        )
+        .await
+    }
+
+    /// Connects to `addr` and sends `GET /` (answered 200), so that the
+    /// TLS 1.3 tickets the server sends after the handshake are read and
+    /// kept; returns whether the handshake resumed a session.
+    pub async fn resumes(&self, addr: SocketAddr) -> bool {
+        let mut c = self
+            .connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("TLS to {addr}: {e:#}"));
+        let r = c.get("/").send().await;
+        assert_eq!(r.status, 200);
+        c.resumed
     }
 }
 
@@ -246,6 +303,7 @@ impl Client {
             alpn: None,
             tls_version: None,
             ocsp_response: None,
+            resumed: false,
         })
     }
 
@@ -269,6 +327,7 @@ impl Client {
             alpn: None,
             tls_version: None,
             ocsp_response: None,
+            resumed: false,
         })
     }
 
@@ -290,15 +349,29 @@ impl Client {
         preamble: &[u8],
     ) -> anyhow::Result<Client> {
         let (cfg, verifier) = client_tls_config_recording(proto, &opts)?;
+        Self::connect_tls_with(proto, addr, &opts, Arc::new(cfg), &verifier, preamble).await
+    }
+
+    /// [`Client::connect_tls_after`] with the client config `cfg`, whose
+    /// verifier is `verifier`.
+    async fn connect_tls_with(
+        proto: Proto,
+        addr: SocketAddr,
+        opts: &TlsOptions,
+        cfg: Arc<rustls::ClientConfig>,
+        verifier: &RecordingVerifier,
+        preamble: &[u8],
+    ) -> anyhow::Result<Client> {
         let mut tcp = TcpStream::connect(addr).await.context("tcp connect")?;
         tcp.set_nodelay(true)?;
         tokio::io::AsyncWriteExt::write_all(&mut tcp, preamble).await?;
         let name = ServerName::try_from(opts.sni.clone()).context("sni")?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
             .await
             .context("tls handshake")?;
         let conn = tls.get_ref().1;
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let peer_cert = conn.peer_certificates().and_then(|c| c.first().cloned());
         let alpn = conn
             .alpn_protocol()
@@ -314,6 +387,7 @@ impl Client {
             alpn,
             tls_version,
             ocsp_response: verifier.ocsp.lock().ok().and_then(|o| o.clone()),
+            resumed,
         })
     }
 

@@ -54,7 +54,7 @@ pub use bins::{assert_check_places, workspace_bin};
 pub use certs::{Ca, TempDir, TlsFiles};
 pub use client::{
     client, raw, raw_h2, raw_status, spread, tls_client, tls_raw, Client, Proto, RawConn,
-    RequestBuilder, Resp, TlsOptions,
+    RequestBuilder, Resp, TlsOptions, TlsSessions,
 };
 pub use dns::{DnsServer, DnsState};
 pub use guests::{abi_0_1_0_guest, network_guest, test_guest};

@@ -859,3 +859,32 @@ async fn admin_certs_and_the_expiry_series_show_the_certificates_in_force() {
         .await;
     assert!(first.unwrap() > 36_500.0, "{first:?}");
 }
+
+const RESUMED: &str = r#"legate_listener_tls_session_reused_total{listener="web"}"#;
+
+/// A client offering TLS 1.3 (which it then negotiates), and one offering
+/// only TLS 1.2, each with its own sessions.
+fn ticket_clients(p: &Pki, proto: Proto) -> [(&'static str, TlsSessions); 2] {
+    let opts = TlsOptions::new(&p.a, "a.example");
+    [
+        ("TLS 1.3", TlsSessions::new(proto, opts.clone())),
+        ("TLS 1.2", TlsSessions::new(proto, opts.tls12_only())),
+    ]
+}
+
+each_proto!(
+    /// A client that comes back resumes its session (by the session ticket
+    /// it was given), in TLS 1.3 and 1.2, and the listener counts it.
+    async fn a_session_ticket_resumption_is_counted(proto) {
+        let p = pki();
+        let up = upstream().start().await;
+        let lg = legate().config(&tls_listener_config(up.addr, &certs_yaml(&p))).start();
+        for (version, client) in ticket_clients(&p, proto) {
+            assert!(!client.resumes(lg.addr("web")).await, "{version}: a new client");
+            lg.assert_stat(RESUMED, if version == "TLS 1.3" { 0.0 } else { 1.0 }).await;
+            assert!(client.resumes(lg.addr("web")).await, "{version}: back");
+        }
+        lg.assert_stat(RESUMED, 2.0).await;
+        lg.assert_stat(TLS_ERRORS, 0.0).await;
+    }
+);
