@@ -38,6 +38,9 @@ use x509_parser::x509::X509Name;
 
 use crate::config::{self, CertificateConfig, TlsVersion};
 
+mod tickets;
+pub use tickets::TICKET_LIFETIME;
+
 /// Server-side session cache for TLS 1.2 session-ID resumption (TLS 1.3 and TLS 1.2
 /// clients that support tickets use stateless tickets instead). rustls' default of 256
 /// is small for an edge listener; 4096 entries cost at most a few MiB.
@@ -144,7 +147,7 @@ pub fn server_config(
     cfg: &config::ListenerTls,
     alpn: &[&[u8]],
 ) -> anyhow::Result<Arc<ServerConfig>> {
-    Ok(server_parts(cfg, alpn)?.0)
+    Ok(server_parts(cfg, alpn)?.config)
 }
 
 /// A listener's TLS: the acceptor, and what the request path needs to know of
@@ -161,7 +164,11 @@ pub struct ServerTls {
 impl ServerTls {
     /// As [`server_config`].
     pub fn new(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Self> {
-        let (config, resolver, client_cas) = server_parts(cfg, alpn)?;
+        let ServerParts {
+            config,
+            resolver,
+            client_cas,
+        } = server_parts(cfg, alpn)?;
         let mut certificates: Vec<LoadedCerts> = cfg
             .certificates
             .iter()
@@ -193,13 +200,13 @@ impl ServerTls {
     }
 }
 
-/// The server config, its certificate resolver, and the client CA file's
-/// certificates (with `client_auth`).
-type ServerParts = (
-    Arc<ServerConfig>,
-    Arc<SniResolver>,
-    Option<Vec<CertificateDer<'static>>>,
-);
+/// What [`server_parts`] builds.
+struct ServerParts {
+    config: Arc<ServerConfig>,
+    resolver: Arc<SniResolver>,
+    /// The client CA file's certificates (with `client_auth`).
+    client_cas: Option<Vec<CertificateDer<'static>>>,
+}
 
 fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<ServerParts> {
     let provider = provider_with(&cfg.cipher_suites, &cfg.ecdh_curves)?;
@@ -226,10 +233,127 @@ fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Ser
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
     // Stateless tickets: resumption works across this listener's workers without a
-    // shared cache. Keys rotate every 6 hours; a config reload starts a new key set.
-    config.ticketer = rustls::crypto::ring::Ticketer::new()
-        .map_err(|e| anyhow!("cannot create a TLS session ticket key: {e}"))?;
-    Ok((Arc::new(config), resolver, client_cas))
+    // shared cache; with key files, across instances and restarts too.
+    let context = ticket_context(cfg.client_auth.as_ref(), client_cas.as_deref());
+    config.ticketer = if !cfg.session_tickets {
+        Arc::new(tickets::NoTickets)
+    } else if cfg.session_ticket_keys.is_empty() {
+        // rustls's: a random key, rotated every 6 hours (the one before
+        // still decrypts); a config reload starts a new one.
+        let inner = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| anyhow!("cannot create a TLS session ticket key: {e}"))?;
+        Arc::new(tickets::BoundTicketer::new(inner, context))
+    } else {
+        let keys = load_ticket_keys(&cfg.session_ticket_keys).map_err(|(_, e)| e)?;
+        Arc::new(
+            tickets::FileTicketer::new(&keys, context)
+                .ok_or_else(|| anyhow!("cannot derive the TLS session ticket keys"))?,
+        )
+    };
+    Ok(ServerParts {
+        config: Arc::new(config),
+        resolver,
+        client_cas,
+    })
+}
+
+/// What a session ticket is bound to: the listener's client-certificate
+/// policy (none, optional or required; the CA certificates; the CRL file's
+/// bytes and how it is checked). A ticket issued under another one does not
+/// resume (see [`tickets`]).
+fn ticket_context(
+    auth: Option<&config::ClientAuth>,
+    cas: Option<&[CertificateDer<'static>]>,
+) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"legate session ticket context v1");
+    let Some(auth) = auth else {
+        h.update([0]);
+        return h.finalize().into();
+    };
+    h.update([if auth.required { 2 } else { 1 }]);
+    for ca in cas.unwrap_or_default() {
+        h.update((ca.len() as u64).to_le_bytes());
+        h.update(ca.as_ref());
+    }
+    match auth.crl.as_ref().map(std::fs::read) {
+        None => h.update([0]),
+        Some(Ok(crl)) => {
+            h.update([1, u8::from(auth.only_verify_leaf_cert_crl)]);
+            h.update((crl.len() as u64).to_le_bytes());
+            h.update(&crl);
+        }
+        // Read by the verifier a moment ago; a ticket of this context
+        // resumes nowhere else.
+        Some(Err(e)) => h.update(format!("error: {e}").as_bytes()),
+    }
+    h.finalize().into()
+}
+
+/// Reads one `session_ticket_keys` file: exactly
+/// [`tickets::KEY_FILE_LEN`] bytes.
+fn read_ticket_key(path: &Path) -> Result<[u8; tickets::KEY_FILE_LEN], FileError> {
+    let bytes = read_file(path, "session ticket key file", PairFile::Cert)?;
+    <[u8; tickets::KEY_FILE_LEN]>::try_from(bytes.as_slice()).map_err(|_| {
+        FileError::content(format!(
+            "session ticket key file `{}` holds {} bytes, not {}",
+            path.display(),
+            bytes.len(),
+            tickets::KEY_FILE_LEN
+        ))
+    })
+}
+
+/// Reads the `session_ticket_keys` files in order; the first problem, with
+/// the index of its entry.
+fn load_ticket_keys(
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<[u8; tickets::KEY_FILE_LEN]>, (usize, FileError)> {
+    let mut keys: Vec<[u8; tickets::KEY_FILE_LEN]> = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        let key = read_ticket_key(path).map_err(|e| (i, e))?;
+        if let Some(j) = keys
+            .iter()
+            .position(|k| tickets::key_name(k) == tickets::key_name(&key))
+        {
+            return Err((i, duplicate_name(path, j, &paths[j])));
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// Key file `path` has the name of entry `index`, `first`.
+fn duplicate_name(path: &Path, index: usize, first: &Path) -> FileError {
+    FileError::content(format!(
+        "session ticket key file `{}` has the key name (its first 16 bytes) of entry {index}, \
+         `{}`",
+        path.display(),
+        first.display()
+    ))
+}
+
+/// The problems of the `session_ticket_keys` files as loading them finds
+/// them, each with the index of its entry: every file that cannot be read
+/// or is not 80 bytes, and every key whose name an earlier one has
+/// (`legate check`).
+pub fn check_ticket_keys(paths: &[std::path::PathBuf]) -> Vec<(usize, FileError)> {
+    let mut problems = Vec::new();
+    let mut names: Vec<([u8; 16], usize)> = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        match read_ticket_key(path) {
+            Err(e) => problems.push((i, e)),
+            Ok(key) => {
+                let name = tickets::key_name(&key);
+                match names.iter().find(|(n, _)| *n == name) {
+                    Some(&(_, j)) => problems.push((i, duplicate_name(path, j, &paths[j]))),
+                    None => names.push((name, i)),
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// Loads a certificate chain and its key as [`server_config`] and
@@ -327,7 +451,8 @@ impl std::fmt::Display for FileError {
 impl std::error::Error for FileError {}
 
 /// The files a listener's TLS section names (certificates, keys, their
-/// password files and OCSP responses, client CA and CRLs), in order.
+/// password files and OCSP responses, client CA and CRLs, session ticket
+/// keys), in order.
 pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::PathBuf> {
     cfg.certificates
         .iter()
@@ -345,6 +470,7 @@ pub fn files(cfg: &config::ListenerTls) -> impl Iterator<Item = &std::path::Path
                 .iter()
                 .flat_map(|a| std::iter::once(&a.ca).chain(&a.crl)),
         )
+        .chain(&cfg.session_ticket_keys)
 }
 
 /// The files a cluster's `tls` names (CA, client certificate, key and its
@@ -2166,6 +2292,8 @@ mod tests {
             client_auth: None,
             cipher_suites: Vec::new(),
             ecdh_curves: Vec::new(),
+            session_ticket_keys: Vec::new(),
+            session_tickets: true,
         }
     }
 
@@ -3417,6 +3545,51 @@ mod tests {
         let facts = parse_ocsp(&ocsp_der(&[0, 0x99], Some("21000101000000Z"))).unwrap();
         assert_eq!(trim_integer(&facts.serial), [0x99]);
         assert_eq!(parse_ocsp(&ocsp_der(&[1], None)).unwrap().next_update, None);
+    }
+
+    /// A `session_ticket_keys` file that is not 80 bytes, cannot be read or
+    /// repeats a key's name fails the build with the message `legate check`
+    /// gives for its entry.
+    #[test]
+    fn session_ticket_key_errors_name_the_entry() {
+        let pki = Pki::new();
+        let a = pki.server("a", &["a.test"]);
+        let key = |name: &str, bytes: &[u8]| pki.write_bytes(name, bytes);
+        let good = key("good.key", &[1; 80]);
+        let other = key("other.key", &[2; 80]);
+        let mut renamed = [3u8; 80];
+        renamed[..16].copy_from_slice(&[1; 16]);
+        let same_name = key("same-name.key", &renamed);
+        let short = key("short.key", &[4; 48]);
+        let missing = pki.dir.0.join("missing.key");
+        let build = |keys: &[&PathBuf]| {
+            let mut cfg = listener(&[(&a, &[])]);
+            cfg.session_ticket_keys = keys.iter().map(|k| k.to_path_buf()).collect();
+            server_config(&cfg, &[])
+        };
+        build(&[&good, &other]).unwrap();
+        let cases: [(&[&PathBuf], usize, &str); 3] = [
+            (&[&good, &short], 1, "holds 48 bytes, not 80"),
+            (&[&missing], 0, "cannot read session ticket key file `"),
+            (
+                &[&good, &other, &same_name],
+                2,
+                "has the key name (its first 16 bytes) of entry 0",
+            ),
+        ];
+        for (keys, index, text) in cases {
+            let owned: Vec<PathBuf> = keys.iter().map(|k| k.to_path_buf()).collect();
+            let problems = check_ticket_keys(&owned);
+            assert_eq!(problems.len(), 1, "{text}");
+            assert_eq!(problems[0].0, index);
+            let msg = problems[0].1.to_string();
+            assert!(msg.contains(text), "{msg}");
+            assert_eq!(error_text(build(keys)), msg);
+        }
+        // Every problem of the list at once, for `legate check`.
+        let all = check_ticket_keys(&[short, missing, good.clone(), good]);
+        let indices: Vec<usize> = all.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indices, [0, 1, 3]);
     }
 
     /// Envoy and nginx serve an X.509 v1 certificate (no extensions), which

@@ -888,3 +888,175 @@ each_proto!(
         lg.assert_stat(TLS_ERRORS, 0.0).await;
     }
 );
+
+/// Writes a session ticket key file of `p`'s directory: 80 bytes from
+/// `seed` (its name, the first 16, differs from every other seed's).
+fn ticket_key(p: &Pki, file: &str, seed: u8) -> std::path::PathBuf {
+    let bytes: Vec<u8> = (0..80u8).map(|i| seed.wrapping_mul(37) ^ i).collect();
+    let path = p.ca.dir().join(file);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// The listener's `tls` lines: [`certs_yaml`], `session_ticket_keys` (if
+/// any), then `extra`.
+fn ticket_tls(p: &Pki, keys: &[&std::path::Path], extra: &str) -> String {
+    let mut out = certs_yaml(p);
+    if !keys.is_empty() {
+        out.push_str("      session_ticket_keys:\n");
+        for key in keys {
+            out.push_str(&format!("        - {}\n", key.display()));
+        }
+    }
+    out.push_str(extra);
+    out
+}
+
+each_proto!(
+    /// Two instances given the same `session_ticket_keys` file resume each
+    /// other's sessions (instances behind one load balancer), both ways.
+    async fn session_tickets_resume_on_another_instance_with_the_same_key(proto) {
+        let p = pki();
+        let key = ticket_key(&p, "a.ticket", 1);
+        let up = upstream().start().await;
+        let cfg = tls_listener_config(up.addr, &ticket_tls(&p, &[&key], ""));
+        let first = legate().config(&cfg).start();
+        let second = legate().config(&cfg).start();
+        for (version, client) in ticket_clients(&p, proto) {
+            assert!(!client.resumes(first.addr("web")).await, "{version}: a new client");
+            assert!(client.resumes(second.addr("web")).await, "{version}: first's ticket");
+            assert!(client.resumes(first.addr("web")).await, "{version}: second's ticket");
+        }
+        first.assert_stat(RESUMED, 2.0).await;
+        second.assert_stat(RESUMED, 2.0).await;
+        first.assert_stat(TLS_ERRORS, 0.0).await;
+        assert_eq!(up.requests.get(), 6);
+    }
+);
+
+each_proto!(
+    /// An instance with another key, or two without keys (each with its own
+    /// random key), do a full handshake for a ticket they did not issue;
+    /// each instance resumes its own.
+    async fn session_tickets_of_another_key_do_not_resume(proto) {
+        let p = pki();
+        let (a, b) = (ticket_key(&p, "a.ticket", 1), ticket_key(&p, "b.ticket", 2));
+        let up = upstream().start().await;
+        let with = |keys: &[&std::path::Path]| {
+            legate().config(&tls_listener_config(up.addr, &ticket_tls(&p, keys, ""))).start()
+        };
+        let (under_a, under_b) = (with(&[&a]), with(&[&b]));
+        let (random, other_random) = (with(&[]), with(&[]));
+        for (version, client) in ticket_clients(&p, proto) {
+            assert!(!client.resumes(under_a.addr("web")).await, "{version}");
+            assert!(!client.resumes(under_b.addr("web")).await, "{version}: key A's ticket");
+            assert!(!client.resumes(random.addr("web")).await, "{version}: key B's ticket");
+            assert!(!client.resumes(other_random.addr("web")).await, "{version}: random key");
+            assert!(client.resumes(other_random.addr("web")).await, "{version}: its own");
+        }
+        for lg in [&under_a, &under_b, &random] {
+            lg.assert_stat(RESUMED, 0.0).await;
+        }
+        other_random.assert_stat(RESUMED, 2.0).await;
+    }
+);
+
+each_proto!(
+    /// Rotation: an instance with the new key B first and the old key A
+    /// second resumes a ticket issued under A and issues its own under B,
+    /// which an instance with only B resumes and one with only A does not.
+    async fn rotated_session_ticket_keys_resume_the_old_key_and_issue_the_new(proto) {
+        let p = pki();
+        let (a, b) = (ticket_key(&p, "a.ticket", 1), ticket_key(&p, "b.ticket", 2));
+        let up = upstream().start().await;
+        let with = |keys: &[&std::path::Path]| {
+            legate().config(&tls_listener_config(up.addr, &ticket_tls(&p, keys, ""))).start()
+        };
+        let (old, rotated, new) = (with(&[&a]), with(&[&b, &a]), with(&[&b]));
+        for (version, client) in ticket_clients(&p, proto) {
+            assert!(!client.resumes(old.addr("web")).await, "{version}");
+            assert!(client.resumes(rotated.addr("web")).await, "{version}: ticket under A");
+            assert!(client.resumes(new.addr("web")).await, "{version}: ticket under B");
+            assert!(!client.resumes(old.addr("web")).await, "{version}: B is not old's");
+        }
+        old.assert_stat(RESUMED, 0.0).await;
+        rotated.assert_stat(RESUMED, 2.0).await;
+        new.assert_stat(RESUMED, 2.0).await;
+    }
+);
+
+/// The config of [`tls_listener_config`] with the listener's idle timeout
+/// set: a reload to it changes the listener (not its `tls`), which takes
+/// over the socket with a new TLS config.
+fn with_idle_timeout(cfg: &str, timeout: &str) -> String {
+    cfg.replace(
+        "    http:\n      routes: main\n",
+        &format!("    limits:\n      idle_timeout: {timeout}\n    http:\n      routes: main\n"),
+    )
+}
+
+each_proto!(
+    /// `session_tickets: false`: no ticket carries the session, so it
+    /// resumes only from the listener's session cache in this process,
+    /// which a reload that rebuilds the listener's TLS starts empty.
+    async fn without_session_tickets_only_the_session_cache_resumes(proto) {
+        let p = pki();
+        let up = upstream().start().await;
+        let cfg = tls_listener_config(up.addr, &ticket_tls(&p, &[], "      session_tickets: false\n"));
+        let lg = legate().config(&cfg).from_file().start();
+        let other = legate().config(&cfg).start();
+        let clients = ticket_clients(&p, proto);
+        for (version, client) in &clients {
+            assert!(!client.resumes(lg.addr("web")).await, "{version}");
+            assert!(client.resumes(lg.addr("web")).await, "{version}: from the cache");
+            assert!(!client.resumes(other.addr("web")).await, "{version}: another process");
+        }
+        let report = lg.reload_ok(&with_idle_timeout(&cfg, "30s")).await;
+        assert_eq!(report["listeners"]["changed"], json!(["web"]), "{report}");
+        for (version, client) in &clients {
+            assert!(!client.resumes(lg.addr("web")).await, "{version}: after the reload");
+        }
+        lg.assert_stat(RESUMED, 2.0).await;
+        other.assert_stat(RESUMED, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// A ticket is bound to the listener's `client_auth`: the session of a
+    /// client without a certificate, issued where none is asked for, does
+    /// not resume on a listener sharing the key that requires one (rustls
+    /// does not check the client's certificate again on resumption, so it
+    /// would pass without one); listeners with the same `client_auth`
+    /// resume each other's.
+    async fn session_tickets_do_not_resume_past_client_auth(proto) {
+        let p = pki();
+        let key = ticket_key(&p, "a.ticket", 1);
+        let up = upstream().start().await;
+        let open = legate()
+            .config(&tls_listener_config(up.addr, &ticket_tls(&p, &[&key], "")))
+            .start();
+        let auth = format!("      client_auth:\n        ca: {}\n", p.ca.cert_path.display());
+        let mtls_cfg = tls_listener_config(up.addr, &ticket_tls(&p, &[&key], &auth));
+        let (mtls, other_mtls) = (legate().config(&mtls_cfg).start(), legate().config(&mtls_cfg).start());
+        let client_cert = p.ca.client("client-1");
+        for tls12 in [false, true] {
+            let opts = |o: TlsOptions| if tls12 { o.tls12_only() } else { o };
+            let anonymous = TlsSessions::new(proto, opts(TlsOptions::new(&p.a, "a.example")));
+            assert!(!anonymous.resumes(open.addr("web")).await);
+            if let Ok(mut c) = anonymous.connect(mtls.addr("web")).await {
+                assert!(!c.resumed, "tls12 {tls12}: resumed without a client certificate");
+                let r = c.get("/").try_send().await;
+                assert!(r.map_or(true, |r| r.status != 200), "tls12 {tls12}: served");
+            }
+            let with_cert = TlsSessions::new(
+                proto,
+                opts(TlsOptions::new(&p.a, "a.example").client_cert(client_cert.clone())),
+            );
+            assert!(!with_cert.resumes(mtls.addr("web")).await, "tls12 {tls12}");
+            assert!(with_cert.resumes(other_mtls.addr("web")).await, "tls12 {tls12}");
+        }
+        mtls.assert_stat(RESUMED, 0.0).await;
+        other_mtls.assert_stat(RESUMED, 2.0).await;
+        assert_eq!(up.requests.get(), 6);
+    }
+);

@@ -1,4 +1,5 @@
-//! The files a valid config names — listener certificates, keys and client CAs,
+//! The files a valid config names — listener certificates, keys, client CAs
+//! and session ticket keys,
 //! upstream CAs and client certificates, the KV store's Redis CA and client
 //! certificate, endpoint files, plugin modules and data files, the access log
 //! (opened for appending, or created and removed again) — read as loading them
@@ -81,6 +82,18 @@ fn ocsp_help(problem: FileProblem) -> String {
                                  writes it (a base64 one decodes with `base64 -d`)"
             .to_string(),
         other => help_for(other, "OCSP response file", ""),
+    }
+}
+
+/// Help for a `session_ticket_keys` file with `problem`.
+fn ticket_key_help(problem: FileProblem) -> String {
+    match problem {
+        FileProblem::Content => "each file holds one key of exactly 80 random bytes (a 16-byte \
+                                 name, then 64 of secret), as Envoy takes them: make one with \
+                                 `openssl rand 80 > FILE` (nginx's 48-byte keys are too short); \
+                                 keys need distinct names, so list each file once"
+            .to_string(),
+        other => help_for(other, "session ticket key file", ""),
     }
 }
 
@@ -206,6 +219,16 @@ impl Config {
                         .key("ocsp_staple");
                     }
                 }
+            }
+            for (i, err) in crate::tls::check_ticket_keys(&tls.session_ticket_keys) {
+                e.at(
+                    loc,
+                    format!("listener `{}`: {}", l.name, shown(&err.to_string())),
+                    ticket_key_help(err.problem),
+                )
+                .key("tls")
+                .key("session_ticket_keys")
+                .index(i);
             }
             if let Some(auth) = &tls.client_auth {
                 if let Err(err) = crate::tls::check_roots(&auth.ca, "client CA file") {

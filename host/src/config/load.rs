@@ -1113,6 +1113,9 @@ impl Config {
                         fix(p);
                     }
                 }
+                for key in &mut tls.session_ticket_keys {
+                    fix(key);
+                }
                 if let Some(auth) = &mut tls.client_auth {
                     fix(&mut auth.ca);
                     if let Some(crl) = &mut auth.crl {

@@ -912,6 +912,21 @@ pub struct ListenerTls {
     /// `ssl_ecdh_curve`): `X25519`, `P-256`, `P-384`; empty = all three.
     #[serde(default)]
     pub ecdh_curves: Vec<String>,
+    /// Files of 80 random bytes each (`openssl rand 80`) that encrypt and
+    /// decrypt stateless session tickets (Envoy's `session_ticket_keys`,
+    /// nginx's `ssl_session_ticket_key`): the first encrypts new tickets, all
+    /// decrypt. Instances given the same files resume each other's sessions,
+    /// and so does one process across reloads and hot restarts. Empty = a
+    /// random key of this listener (rotated every 6 hours).
+    #[serde(default)]
+    pub session_ticket_keys: Vec<PathBuf>,
+    /// Issue stateless session tickets. Default true (resumption across the
+    /// listener's workers without a shared cache); false = sessions resume
+    /// only from this process's in-memory cache of the listener (Envoy's
+    /// `disable_stateless_session_resumption`, nginx's
+    /// `ssl_session_tickets off`).
+    #[serde(default = "defaults::yes")]
+    pub session_tickets: bool,
 }
 
 /// A certificate chain, its key, and the SNI names it serves.

@@ -1061,6 +1061,19 @@ fn validate_listener(
             &tls.ecdh_curves,
             needs_tls13,
         );
+        if !tls.session_tickets && !tls.session_ticket_keys.is_empty() {
+            e.at(
+                loc,
+                format!(
+                    "listener `{}`: `tls.session_ticket_keys` with `session_tickets: false`",
+                    l.name
+                ),
+                "the keys encrypt session tickets, which `session_tickets: false` turns off; \
+                 remove one of the two",
+            )
+            .key("tls")
+            .key("session_ticket_keys");
+        }
         if let Some(auth) = &tls.client_auth {
             if auth.only_verify_leaf_cert_crl && auth.crl.is_none() {
                 e.at(
