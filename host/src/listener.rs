@@ -343,9 +343,22 @@ impl ListenerCtx {
         socket: &std::net::TcpListener,
         logs: Option<Arc<crate::access_log::Logs>>,
     ) -> anyhow::Result<Self> {
+        Self::adopt_after(cfg, stats, socket, logs, None)
+    }
+
+    /// [`ListenerCtx::adopt`], taking over from `previous` (the listener a
+    /// reload replaces): its random session ticket key is kept when the
+    /// `tls` settings are the same ([`crate::tls::ServerTls::new`]).
+    fn adopt_after(
+        cfg: &config::Listener,
+        stats: &Stats,
+        socket: &std::net::TcpListener,
+        logs: Option<Arc<crate::access_log::Logs>>,
+        previous: Option<&ListenerCtx>,
+    ) -> anyhow::Result<Self> {
         socket.set_nonblocking(true)?;
         let local_addr = socket.local_addr()?;
-        let RenewedTls { acceptor, files } = Self::load_tls(cfg)?;
+        let RenewedTls { acceptor, files } = Self::load_tls(cfg, previous)?;
         Ok(ListenerCtx {
             name: cfg.name.clone(),
             cfg: cfg.clone(),
@@ -361,8 +374,13 @@ impl ListenerCtx {
         })
     }
 
-    /// Reads and checks the TLS material of `cfg` (none without `tls`).
-    pub fn load_tls(cfg: &config::Listener) -> anyhow::Result<RenewedTls> {
+    /// Reads and checks the TLS material of `cfg` (none without `tls`), for
+    /// the listener `previous` (a renewal, a reload), whose random session
+    /// ticket key it keeps when the `tls` settings are the same.
+    pub fn load_tls(
+        cfg: &config::Listener,
+        previous: Option<&ListenerCtx>,
+    ) -> anyhow::Result<RenewedTls> {
         // Digested before reading: a file replaced meanwhile makes the next reload
         // renew again rather than keep a stale certificate.
         let files = cfg.tls.as_ref().map(crate::tls::files_digest);
@@ -373,7 +391,8 @@ impl ListenerCtx {
                 } else {
                     &[]
                 };
-                Some(crate::tls::ServerTls::new(t, alpn)?)
+                let previous = previous.and_then(|p| p.tls.load_full());
+                Some(crate::tls::ServerTls::new(t, alpn, previous.as_deref())?)
             }
             None => None,
         };
@@ -409,7 +428,7 @@ impl ListenerCtx {
         previous: &ListenerCtx,
         logs: Option<Arc<crate::access_log::Logs>>,
     ) -> anyhow::Result<Self> {
-        let mut ctx = Self::adopt(cfg, stats, socket, logs)?;
+        let mut ctx = Self::adopt_after(cfg, stats, socket, logs, Some(previous))?;
         ctx.open = previous.open.clone();
         Ok(ctx)
     }

@@ -34,7 +34,11 @@
 //! the same: a TCP connection runs the chain it started with for its lifetime,
 //! so the new filters reach only new connections and the old ones drain, as
 //! Envoy drains a listener whose filter chain changed. HTTP listeners are kept:
-//! their chains are taken from the snapshot for each request.
+//! their chains are taken from the snapshot for each request. A listener's
+//! TLS built again (renewed files, or a new listener on the old socket) keeps
+//! the random session ticket key of the one before when its `tls` settings are
+//! the same ([`crate::tls::ServerTls::new`]), so clients resume across the
+//! reload; `session_ticket_keys` files are read again (and watched).
 //!
 //! **What carries over.** A cluster whose config and TLS files are unchanged is
 //! carried over as it is, not built again (its host names are not resolved again,
@@ -796,7 +800,7 @@ fn renew_in_force(shared: &Shared) -> Vec<String> {
         if b.ctx.tls_files() == Some(crate::tls::files_digest(tls)) {
             continue;
         }
-        match ListenerCtx::load_tls(&b.ctx.cfg) {
+        match ListenerCtx::load_tls(&b.ctx.cfg, Some(&b.ctx)) {
             Ok(material) => {
                 b.ctx.renew_tls(material);
                 renewed.push(b.ctx.name.to_string());
@@ -917,7 +921,7 @@ fn plan_listeners(
             by_name.filter(|b| same(&b.ctx.cfg, l) && same_network_chain(old, snap, &l.name))
         {
             if b.ctx.tls_files() != l.tls.as_ref().map(crate::tls::files_digest) {
-                let tls = ListenerCtx::load_tls(l)
+                let tls = ListenerCtx::load_tls(l, Some(&b.ctx))
                     .map_err(|e| at("tls", format!("listener `{}`: {e:#}", l.name)))?;
                 renewed.push((b.clone(), tls));
                 certificates.push(l.name.to_string());

@@ -656,7 +656,7 @@ pub struct Handle {
 pub fn check(config: Arc<Config>) -> anyhow::Result<()> {
     for l in &config.listeners {
         let l = &l.value;
-        ListenerCtx::load_tls(l).with_context(|| format!("listener `{}`", l.name))?;
+        ListenerCtx::load_tls(l, None).with_context(|| format!("listener `{}`", l.name))?;
     }
     let listener_logs = config
         .listeners

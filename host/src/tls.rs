@@ -147,7 +147,7 @@ pub fn server_config(
     cfg: &config::ListenerTls,
     alpn: &[&[u8]],
 ) -> anyhow::Result<Arc<ServerConfig>> {
-    Ok(server_parts(cfg, alpn)?.config)
+    Ok(server_parts(cfg, alpn, None)?.config)
 }
 
 /// A listener's TLS: the acceptor, and what the request path needs to know of
@@ -159,16 +159,34 @@ pub struct ServerTls {
     /// The certificates it serves, then the client CAs it trusts: what `GET
     /// /certs` and the expiry series show.
     pub certificates: Arc<[LoadedCerts]>,
+    /// The random-key ticketer (no `session_ticket_keys`), which a rebuild
+    /// for the same `tls` settings keeps ([`ServerTls::new`]).
+    random_tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    /// The settings it was built from.
+    settings: config::ListenerTls,
 }
 
 impl ServerTls {
-    /// As [`server_config`].
-    pub fn new(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Self> {
+    /// As [`server_config`]. `previous` is the listener's TLS this one
+    /// replaces (a reload, a renewal of its files): when its `tls` settings
+    /// are these, its random ticket key is kept (without
+    /// `session_ticket_keys`), so clients resume across the reload. Its
+    /// tickets are bound to the client CA and CRL read now, so a renewal of
+    /// those refuses the tickets issued before it.
+    pub fn new(
+        cfg: &config::ListenerTls,
+        alpn: &[&[u8]],
+        previous: Option<&ServerTls>,
+    ) -> anyhow::Result<Self> {
+        let kept = previous
+            .filter(|p| same_settings(&p.settings, cfg))
+            .and_then(|p| p.random_tickets.clone());
         let ServerParts {
             config,
             resolver,
             client_cas,
-        } = server_parts(cfg, alpn)?;
+            random_tickets,
+        } = server_parts(cfg, alpn, kept)?;
         let mut certificates: Vec<LoadedCerts> = cfg
             .certificates
             .iter()
@@ -182,6 +200,8 @@ impl ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(config),
             resolver,
             certificates: certificates.into(),
+            random_tickets,
+            settings: cfg.clone(),
         })
     }
 
@@ -200,15 +220,32 @@ impl ServerTls {
     }
 }
 
+/// Whether two `tls` settings are the same (as the config file would write
+/// them).
+fn same_settings(a: &config::ListenerTls, b: &config::ListenerTls) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// What [`server_parts`] builds.
 struct ServerParts {
     config: Arc<ServerConfig>,
     resolver: Arc<SniResolver>,
     /// The client CA file's certificates (with `client_auth`).
     client_cas: Option<Vec<CertificateDer<'static>>>,
+    /// The random-key ticketer, without `session_ticket_keys`.
+    random_tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
 }
 
-fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<ServerParts> {
+/// `kept`: the random-key ticketer to go on with (else a new one is made
+/// when one is needed).
+fn server_parts(
+    cfg: &config::ListenerTls,
+    alpn: &[&[u8]],
+    kept: Option<Arc<dyn rustls::server::ProducesTickets>>,
+) -> anyhow::Result<ServerParts> {
     let provider = provider_with(&cfg.cipher_suites, &cfg.ecdh_curves)?;
     let resolver = Arc::new(SniResolver::load(&cfg.certificates, &provider)?);
 
@@ -235,13 +272,18 @@ fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Ser
     // Stateless tickets: resumption works across this listener's workers without a
     // shared cache; with key files, across instances and restarts too.
     let context = ticket_context(cfg.client_auth.as_ref(), client_cas.as_deref());
+    let mut random_tickets = None;
     config.ticketer = if !cfg.session_tickets {
         Arc::new(tickets::NoTickets)
     } else if cfg.session_ticket_keys.is_empty() {
         // rustls's: a random key, rotated every 6 hours (the one before
-        // still decrypts); a config reload starts a new one.
-        let inner = rustls::crypto::ring::Ticketer::new()
-            .map_err(|e| anyhow!("cannot create a TLS session ticket key: {e}"))?;
+        // still decrypts).
+        let inner = match kept {
+            Some(inner) => inner,
+            None => rustls::crypto::ring::Ticketer::new()
+                .map_err(|e| anyhow!("cannot create a TLS session ticket key: {e}"))?,
+        };
+        random_tickets = Some(inner.clone());
         Arc::new(tickets::BoundTicketer::new(inner, context))
     } else {
         let keys = load_ticket_keys(&cfg.session_ticket_keys).map_err(|(_, e)| e)?;
@@ -254,6 +296,7 @@ fn server_parts(cfg: &config::ListenerTls, alpn: &[&[u8]]) -> anyhow::Result<Ser
         config: Arc::new(config),
         resolver,
         client_cas,
+        random_tickets,
     })
 }
 

@@ -998,7 +998,9 @@ fn with_idle_timeout(cfg: &str, timeout: &str) -> String {
 each_proto!(
     /// `session_tickets: false`: no ticket carries the session, so it
     /// resumes only from the listener's session cache in this process,
-    /// which a reload that rebuilds the listener's TLS starts empty.
+    /// which a reload that rebuilds the listener's TLS starts empty (with
+    /// tickets, the same reload keeps resumption:
+    /// `a_reload_that_keeps_tls_keeps_the_random_ticket_key`).
     async fn without_session_tickets_only_the_session_cache_resumes(proto) {
         let p = pki();
         let up = upstream().start().await;
@@ -1009,15 +1011,57 @@ each_proto!(
         for (version, client) in &clients {
             assert!(!client.resumes(lg.addr("web")).await, "{version}");
             assert!(client.resumes(lg.addr("web")).await, "{version}: from the cache");
-            assert!(!client.resumes(other.addr("web")).await, "{version}: another process");
         }
         let report = lg.reload_ok(&with_idle_timeout(&cfg, "30s")).await;
         assert_eq!(report["listeners"]["changed"], json!(["web"]), "{report}");
         for (version, client) in &clients {
             assert!(!client.resumes(lg.addr("web")).await, "{version}: after the reload");
+            assert!(!client.resumes(other.addr("web")).await, "{version}: another process");
         }
         lg.assert_stat(RESUMED, 2.0).await;
         other.assert_stat(RESUMED, 0.0).await;
+    }
+);
+
+each_proto!(
+    /// Without `session_ticket_keys`, a reload that leaves the listener's
+    /// `tls` as it is keeps its random key: one that changes its other
+    /// settings, and one that renews its certificate files. One that
+    /// changes `tls` starts a new key.
+    async fn a_reload_that_keeps_tls_keeps_the_random_ticket_key(proto) {
+        let p = pki();
+        let up = upstream().start().await;
+        let cfg = tls_listener_config(up.addr, &ticket_tls(&p, &[], ""));
+        let lg = legate().config(&cfg).from_file().start();
+        let clients = ticket_clients(&p, proto);
+        for (version, client) in &clients {
+            assert!(!client.resumes(lg.addr("web")).await, "{version}");
+        }
+        let report = lg.reload_ok(&with_idle_timeout(&cfg, "30s")).await;
+        assert_eq!(report["listeners"]["changed"], json!(["web"]), "{report}");
+        for (version, client) in &clients {
+            assert!(client.resumes(lg.addr("web")).await, "{version}: after a reload");
+        }
+
+        // The certificate renewed at its paths.
+        let renewed = p.ca.server(&["a.example", "fallback.example"]);
+        std::fs::copy(&renewed.cert, &p.a.cert).unwrap();
+        std::fs::copy(&renewed.key, &p.a.key).unwrap();
+        let report = lg.assert_reload_ok().await;
+        assert_eq!(report["listeners"]["certificates_renewed"], json!(["web"]), "{report}");
+        for (version, client) in &clients {
+            assert!(client.resumes(lg.addr("web")).await, "{version}: after a renewal");
+        }
+
+        // Other `tls` settings: a new key.
+        let changed = ticket_tls(&p, &[], "      ecdh_curves: [X25519, P-256]\n");
+        let changed = with_idle_timeout(&tls_listener_config(up.addr, &changed), "30s");
+        lg.reload_ok(&changed).await;
+        for (version, client) in &clients {
+            assert!(!client.resumes(lg.addr("web")).await, "{version}: other settings");
+        }
+        lg.assert_stat(RESUMED, 4.0).await;
+        lg.assert_stat(TLS_ERRORS, 0.0).await;
     }
 );
 

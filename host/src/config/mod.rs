@@ -917,7 +917,8 @@ pub struct ListenerTls {
     /// nginx's `ssl_session_ticket_key`): the first encrypts new tickets, all
     /// decrypt. Instances given the same files resume each other's sessions,
     /// and so does one process across reloads and hot restarts. Empty = a
-    /// random key of this listener (rotated every 6 hours).
+    /// random key of this listener (rotated every 6 hours), kept by a reload
+    /// that leaves `tls` as it is.
     #[serde(default)]
     pub session_ticket_keys: Vec<PathBuf>,
     /// Issue stateless session tickets. Default true (resumption across the

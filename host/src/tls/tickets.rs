@@ -217,7 +217,10 @@ impl ProducesTickets for FileTicketer {
 
 /// rustls's rotating random-key ticketer, its tickets bound to a context:
 /// the context leads the plaintext the inner AEAD seals, and a ticket that
-/// opens to another context is refused.
+/// opens to another context is refused. The inner ticketer is kept by a
+/// reload that leaves the listener's `tls` as it is
+/// ([`crate::tls::ServerTls::new`]), while the context is taken from the
+/// files then (a renewed client CA or CRL refuses the tickets issued before).
 pub struct BoundTicketer {
     inner: Arc<dyn ProducesTickets>,
     context: [u8; 32],
