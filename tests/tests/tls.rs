@@ -886,6 +886,7 @@ each_proto!(
         }
         lg.assert_stat(RESUMED, 2.0).await;
         lg.assert_stat(TLS_ERRORS, 0.0).await;
+        assert_families_documented(&lg.stats().await);
     }
 );
 
@@ -1102,5 +1103,27 @@ each_proto!(
         mtls.assert_stat(RESUMED, 0.0).await;
         other_mtls.assert_stat(RESUMED, 2.0).await;
         assert_eq!(up.requests.get(), 6);
+    }
+);
+
+each_proto!(
+    /// A `session_ticket_keys` file rotated at its path is read again by a
+    /// reload (as the watch would start it), as a renewed certificate is:
+    /// new tickets are sealed with the new key.
+    async fn a_session_ticket_key_file_rotated_in_place_is_renewed(proto) {
+        let p = pki();
+        let (key, b) = (ticket_key(&p, "current.ticket", 1), ticket_key(&p, "b.ticket", 2));
+        let up = upstream().start().await;
+        let with = |keys: &[&std::path::Path]| tls_listener_config(up.addr, &ticket_tls(&p, keys, ""));
+        let lg = legate().config(&with(&[&key])).from_file().start();
+        let under_b = legate().config(&with(&[&b])).start();
+        std::fs::copy(&b, &key).unwrap();
+        let report = lg.assert_reload_ok().await;
+        assert_eq!(report["listeners"]["certificates_renewed"], json!(["web"]), "{report}");
+        for (version, client) in ticket_clients(&p, proto) {
+            assert!(!client.resumes(lg.addr("web")).await, "{version}");
+            assert!(client.resumes(under_b.addr("web")).await, "{version}: the new key");
+        }
+        under_b.assert_stat(RESUMED, 2.0).await;
     }
 );
