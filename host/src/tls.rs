@@ -39,10 +39,10 @@ use x509_parser::x509::X509Name;
 use crate::config::{self, CertificateConfig, TlsVersion};
 
 mod tickets;
-pub use tickets::TICKET_LIFETIME;
 
 /// Server-side session cache for TLS 1.2 session-ID resumption (TLS 1.3 and TLS 1.2
-/// clients that support tickets use stateless tickets instead). rustls' default of 256
+/// clients that support tickets use stateless tickets instead; with
+/// `session_tickets: false`, TLS 1.3 resumes from it too). rustls' default of 256
 /// is small for an edge listener; 4096 entries cost at most a few MiB.
 const SESSION_CACHE_SIZE: usize = 4096;
 
