@@ -838,6 +838,9 @@ pub fn start_with(
         &stats,
     );
     reloader.set_kv_tls(kv_tls);
+    // The start's logs are open (a FIFO's waited for its reader); a reload's
+    // must not wait.
+    log_writers.serving();
     let shared = Arc::new(Shared {
         stats: stats.clone(),
         snapshot: ArcSwap::from_pointee(snapshot),

@@ -282,10 +282,16 @@ pub struct Writers(Arc<Mutex<Registry>>);
 
 #[derive(Default)]
 struct Registry {
-    /// The writers in use.
-    open: std::collections::HashMap<String, Weak<Writer>>,
+    /// The writers in use, by destination: usually one; more while a reload
+    /// that changed a destination's settings drains the connections of the
+    /// old one (or after a reload that failed kept it), each reopened and
+    /// closed with the others.
+    open: std::collections::HashMap<String, Vec<Weak<Writer>>>,
     /// Threads of writers no log uses any more, writing their last lines.
     closing: Vec<Thread>,
+    /// Start is over: a FIFO a reload opens must have its reader already
+    /// (a reload never waits for one).
+    serving: bool,
 }
 
 /// One configured log: where its lines go, how they are written, which ones.
@@ -618,21 +624,46 @@ pub fn check(cfg: &config::AccessLog) -> Result<(), CheckError> {
     }
 }
 
+/// Opens log file `p` for appending (created if need be). A FIFO is opened
+/// without blocking unless `wait`: no reader is an error then, and the file
+/// is made blocking again once open (the writer thread blocks on it, as on
+/// any file).
+fn open_log(p: &str, wait: bool) -> anyhow::Result<File> {
+    let fifo = !wait && std::fs::metadata(p).is_ok_and(|m| m.file_type().is_fifo());
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    if fifo {
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let f = options.open(p).map_err(|e| {
+        if fifo && e.raw_os_error() == Some(libc::ENXIO) {
+            anyhow::anyhow!(
+                "cannot open access log `{p}`: it is a FIFO no process reads; start its reader \
+                 first (a reload does not wait for one, as the start does)"
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot open access log `{p}`"))
+        }
+    })?;
+    if fifo {
+        let flags = rustix::fs::fcntl_getfl(&f)
+            .with_context(|| format!("access log `{p}`: reading its flags"))?;
+        rustix::fs::fcntl_setfl(&f, flags - rustix::fs::OFlags::NONBLOCK)
+            .with_context(|| format!("access log `{p}`: making it blocking"))?;
+    }
+    Ok(f)
+}
+
 impl Writer {
     /// Opens `stdout`, `stderr` or a file path for appending, and starts the
-    /// writer thread (not shared: [`Writers::open`] shares them).
-    fn open(cfg: &config::AccessLog, stats: &Stats) -> anyhow::Result<Self> {
+    /// writer thread (not shared: [`Writers::open`] shares them). A FIFO
+    /// waits for its reader if `wait` (at start, as nginx does), else one
+    /// without a reader is an error (a reload must not hang on it).
+    fn open(cfg: &config::AccessLog, stats: &Stats, wait: bool) -> anyhow::Result<Self> {
         let target = match cfg.path.as_str() {
             "stdout" => Target::Stdout,
             "stderr" => Target::Stderr,
-            p => Target::File(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .with_context(|| format!("cannot open access log `{p}`"))?,
-                PathBuf::from(p),
-            ),
+            p => Target::File(open_log(p, wait)?, PathBuf::from(p)),
         };
         let pipe = !match &target {
             Target::Stdout => is_regular(io::stdout().as_fd()),
@@ -766,30 +797,51 @@ impl Writers {
             cfg.flush_interval.get(),
             usize::try_from(cfg.buffer_limit.0).unwrap_or(usize::MAX),
         );
-        let in_use = {
+        let (in_use, serving) = {
             let r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            r.open.get(&key).and_then(Weak::upgrade)
+            let live: Vec<Arc<Writer>> = r
+                .open
+                .get(&key)
+                .map(|ws| ws.iter().filter_map(Weak::upgrade).collect())
+                .unwrap_or_default();
+            (live, r.serving)
         };
         // (Dropped outside the lock, which `Writer::drop` takes.)
-        if let Some(w) = in_use.filter(|w| w.settings == settings) {
+        if let Some(w) = in_use.into_iter().find(|w| w.settings == settings) {
             return Ok(w);
         }
-        // Opened without the lock: a FIFO's open waits for its reader, and
-        // SIGUSR1 and the exit must not wait for it. (Start and reloads, which
-        // open logs, run one at a time.)
-        let mut w = Writer::open(cfg, stats)?;
+        // Opened without the lock: a FIFO's open waits for its reader at
+        // start, and SIGUSR1 and the exit must not wait for it. (Start and
+        // reloads, which open logs, run one at a time.)
+        let mut w = Writer::open(cfg, stats, !serving)?;
         w.registry = Arc::downgrade(&self.0);
         let w = Arc::new(w);
         let mut r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        r.open.retain(|_, w| w.strong_count() > 0);
-        r.open.insert(key, Arc::downgrade(&w));
+        for ws in r.open.values_mut() {
+            ws.retain(|w| w.strong_count() > 0);
+        }
+        r.open.retain(|_, ws| !ws.is_empty());
+        r.open.entry(key).or_default().push(Arc::downgrade(&w));
         Ok(w)
     }
 
     /// The writers in use.
     fn live(&self) -> Vec<Arc<Writer>> {
         let r = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        r.open.values().filter_map(Weak::upgrade).collect()
+        r.open
+            .values()
+            .flatten()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Start is over: from now on (reloads) a FIFO log is opened only if a
+    /// process reads it, never waited for.
+    pub fn serving(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .serving = true;
     }
 
     /// Has every writer in use open its file's path again (SIGUSR1, `POST
@@ -1082,7 +1134,7 @@ mod tests {
             filter: None,
         };
         let stats = Stats::new();
-        let log = Writer::open(&cfg, &stats).unwrap();
+        let log = Writer::open(&cfg, &stats, true).unwrap();
         for i in 0..10 {
             log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": i })).unwrap());
         }
@@ -1122,7 +1174,7 @@ mod tests {
             json_format: None,
             filter: None,
         };
-        let log = Writer::open(&cfg, &Stats::new()).unwrap();
+        let log = Writer::open(&cfg, &Stats::new(), true).unwrap();
         log.hand_over(serde_json::to_vec(&serde_json::json!({ "i": 0 })).unwrap());
         // logrotate's `create`: the file is moved, then the signal comes.
         std::fs::rename(&path, &moved).unwrap();
@@ -1136,6 +1188,34 @@ mod tests {
         log.close();
         assert_eq!(std::fs::read_to_string(&moved).unwrap(), "{\"i\":0}\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"i\":1}\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A reload does not wait for a FIFO's reader: without one the open
+    /// fails (naming the cause); with one it succeeds, and the file is
+    /// blocking again for the writer thread.
+    #[test]
+    fn a_fifo_without_a_reader_fails_a_reload_instead_of_waiting() {
+        let dir = std::env::temp_dir().join(format!("legate-alog-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("ship");
+        let _ = std::fs::remove_file(&fifo);
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let p = fifo.display().to_string();
+        let e = open_log(&p, false).unwrap_err();
+        assert!(format!("{e:#}").contains("FIFO no process reads"), "{e:#}");
+        let _reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let f = open_log(&p, false).unwrap();
+        let flags = rustix::fs::fcntl_getfl(&f).unwrap();
+        assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1169,6 +1249,14 @@ mod tests {
         other.flush_interval = config::Dur::secs(1);
         let b = writers.open(&other, &stats).unwrap();
         assert!(!Arc::ptr_eq(&a, &b));
+        // Both stay registered (a reload that changed the settings drains
+        // the old one): reopened and closed with the others.
+        assert_eq!(writers.live().len(), 2);
+        assert_eq!(writers.reopen(), 2);
+        assert!(Arc::ptr_eq(
+            &writers.open(&log_cfg(&path, None), &stats).unwrap(),
+            &a
+        ));
         drop((a, same, b));
         let logs = Logs::open(
             &[

@@ -92,6 +92,9 @@ impl TicketKey {
             .ok()
             .and_then(|()| UnboundKey::new(&AES_256_GCM, &aes).ok())
             .map(LessSafeKey::new);
+        // (Not a guaranteed wipe: the compiler may drop this store, and the
+        // key file's bytes stay in the listener's config; the process's
+        // memory is what guards them.)
         aes.fill(0);
         Some(TicketKey { name, key: key? })
     }
