@@ -124,7 +124,7 @@ fn length_known(resp: &http::Response<crate::body::Body>, head_request: bool) ->
 const H1_DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 /// Sleeps until `t`, or for ever without one.
-async fn until(t: Option<tokio::time::Instant>) {
+pub(crate) async fn until(t: Option<tokio::time::Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,

@@ -3303,27 +3303,18 @@ async fn watch_stream_tunnel(
                 tunnel.cut("drain_timeout");
                 return;
             }
-            () = until(lifetime_cut) => {
+            () = crate::connection::until(lifetime_cut) => {
                 tunnel.cut("max_connection_duration");
                 return;
             }
-            () = until(deadline) => {
-                if deadline.is_some_and(|d| d <= tokio::time::Instant::now())
-                    && idle.is_some_and(|t| tunnel.end.last_moved() + t <= tokio::time::Instant::now())
-                {
+            () = crate::connection::until(deadline) => {
+                // Bytes that moved meanwhile set a later deadline: wait on.
+                if idle.is_some_and(|t| tunnel.end.last_moved() + t <= tokio::time::Instant::now()) {
                     tunnel.cut("idle_timeout");
                     return;
                 }
             }
         }
-    }
-}
-
-/// Sleeps until `t`; forever without one.
-async fn until(t: Option<tokio::time::Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -997,19 +997,10 @@ mod tests {
         };
         let f = Facts {
             route: Some("health"),
-            method: "GET",
             path: "/healthz",
-            protocol: "HTTP/1.1".into(),
             status: 200,
-            elapsed: Duration::from_micros(3),
-            local: "127.0.0.1:8080".parse().unwrap(),
-            client: ("127.0.0.1".parse().unwrap(), Some(5000)),
-            cluster: None,
-            upstream: None,
-            request_size: 0,
-            response_size: 2,
-            request_id: None,
             cause: Some("direct_response"),
+            ..local_facts()
         };
         let v: serde_json::Value =
             serde_json::from_str(&span_json(&a, &f, SystemTime::now())).unwrap();
@@ -1024,6 +1015,27 @@ mod tests {
         );
     }
 
+    /// A quick local GET from 127.0.0.1:5000, without cluster or upstream:
+    /// what the tests below vary.
+    fn local_facts() -> Facts<'static> {
+        Facts {
+            route: None,
+            method: "GET",
+            path: "/",
+            protocol: "HTTP/1.1".into(),
+            status: 200,
+            elapsed: Duration::from_micros(3),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            client: ("127.0.0.1".parse().unwrap(), Some(5000)),
+            cluster: None,
+            upstream: None,
+            request_size: 0,
+            response_size: 2,
+            request_id: None,
+            cause: None,
+        }
+    }
+
     #[test]
     fn debug_is_passed_on_long_urls_are_cut_and_only_failures_are_errors() {
         let tracer = Tracer::new(Stats::new());
@@ -1034,19 +1046,10 @@ mod tests {
         assert!(!h.contains_key("x-b3-sampled"));
         let mut f = Facts {
             route: None,
-            method: "GET",
             path: "/",
-            protocol: "HTTP/1.1".into(),
             status: 404,
-            elapsed: Duration::from_micros(3),
-            local: "127.0.0.1:8080".parse().unwrap(),
-            client: ("127.0.0.1".parse().unwrap(), Some(5000)),
-            cluster: None,
-            upstream: None,
-            request_size: 0,
-            response_size: 2,
-            request_id: None,
             cause: Some("no_route"),
+            ..local_facts()
         };
         let long = format!("/{}", "é".repeat(300));
         f.path = &long;
